@@ -1,0 +1,1 @@
+"""Data shipped for the reference pair (drafter weights and checksums)."""

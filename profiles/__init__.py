@@ -1,0 +1,1 @@
+"""Embedded hardware profiles (YAML)."""
