@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random targets of each supported family, and the reference pair."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_VOCAB = 256
+
+
+def make_tiny_target(out_dir: Path, family: str = "llama", *, vocab: int = TINY_VOCAB, seed: int = 0) -> Path:
+    """Save a seeded random 4-layer causal LM of `family` (llama|qwen2|qwen3|mistral)."""
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    common = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+                  "mistral": MistralConfig}[family]
+    extra = {"head_dim": 16} if family == "qwen3" else {}
+    if family == "qwen2":
+        extra["use_sliding_window"] = False
+    config = config_cls(**common, **extra)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights give peaked, less tie-prone logits
+            p.mul_(4.0) if p.ndim > 1 else None
+    model.save_pretrained(out_dir)
+    vocab_map = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab_map.update({f"t{i}": i for i in range(3, vocab)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab_map, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<unk>")
+    fast.chat_template = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_targets(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random target folder per supported family."""
+    root = tmp_path_factory.mktemp("targets")
+    return {f: make_tiny_target(root / f, f) for f in ("llama", "qwen2", "qwen3", "mistral")}
+
+
+@pytest.fixture(scope="session")
+def reference_target() -> Path:
+    from dspark_export.reference import reference_target_dir
+
+    return reference_target_dir()
