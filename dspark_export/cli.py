@@ -48,6 +48,7 @@ def generate(target_dir, draft_dir, prompt, max_new_tokens, temperature, seed, t
     from dspark_export.models.draft import DraftError
     from dspark_export.models.target import TargetError
     from dspark_export.pair import load_pair
+    from dspark_runtime.schedule import ThresholdScheduler
 
     try:
         pair = load_pair(target_dir, draft_dir)
@@ -59,7 +60,8 @@ def generate(target_dir, draft_dir, prompt, max_new_tokens, temperature, seed, t
     if target_only:
         result = generate_target_only(pair.target, prompt_ids, **common)
     else:
-        result = generate_speculative(pair.target, pair.drafter, prompt_ids, threshold=threshold, **common)
+        scheduler = None if threshold is None else ThresholdScheduler(threshold)
+        result = generate_speculative(pair.target, pair.drafter, prompt_ids, scheduler=scheduler, **common)
     text = pair.tokenizer.decode(result.tokens, skip_special_tokens=True)
     stats = result.stats.to_dict()
     if as_json:

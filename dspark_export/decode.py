@@ -18,6 +18,7 @@ import torch
 from dspark_export.models.draft import DSparkDrafter
 from dspark_export.models.markov import inverse_cdf_sample, select_token
 from dspark_export.models.target import TargetAdapter
+from dspark_runtime.schedule import FixedScheduler, Scheduler
 
 # Residual mass below which verification falls back to the target distribution (DeepSpec).
 RESIDUAL_EPS = 1e-8
@@ -169,15 +170,6 @@ def generate_target_only(
     return DecodeResult(out, stats)
 
 
-def confident_prefix(confidence_logits: torch.Tensor, threshold: float | None) -> int:
-    """DeepSpec's static threshold: verify up to the first position whose c_k < threshold."""
-    gamma = confidence_logits.shape[-1]
-    if threshold is None or threshold <= 0:
-        return gamma
-    below = torch.nonzero(torch.sigmoid(confidence_logits) < threshold)
-    return int(below[0]) if below.numel() else gamma
-
-
 @torch.no_grad()
 def generate_speculative(
     adapter: TargetAdapter,
@@ -188,11 +180,18 @@ def generate_speculative(
     temperature: float = 0.0,
     seed: int = 0,
     stop_ids: set[int] = frozenset(),
-    threshold: float | None = None,
+    scheduler: Scheduler | None = None,
 ) -> DecodeResult:
-    """DSpark speculative decoding (fixed block, optional static confidence threshold)."""
+    """DSpark speculative decoding; `scheduler` picks the verify length (default: whole block).
+
+    The scheduler sees the per-step confidences sigmoid(logit) of this round's block, as the
+    runtime's do (batch of one row).
+    """
     rng = np.random.default_rng(seed)
     gamma = drafter.config.block_size
+    scheduler = scheduler or FixedScheduler(gamma)
+    scheduler.reset()
+    active = np.ones(1, dtype=bool)
     stats = DecodeStats()
     t0 = time.perf_counter()
     cache = _Cache(*adapter.empty_cache(1, 0))
@@ -221,7 +220,7 @@ def generate_speculative(
         draft_ids, draft_probs, conf = drafter.markov_sample(
             base_logits, hidden, torch.tensor([anchor]), temp, torch.from_numpy(rng.random(gamma))[None].float()
         )
-        verify_len = confident_prefix(conf[0], threshold)
+        verify_len = int(scheduler.verify_lengths(torch.sigmoid(conf).double().numpy(), active)[0])
         u_verify = rng.random(gamma + 1)
         t_logits, t_features, keys, values = _target_step(
             adapter, cache, [anchor] + draft_ids[0, :verify_len].tolist()
