@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dspark_export import __version__
+from dspark_export.cli_run import run as run_command
 
 DIR = click.Path(file_okay=False, path_type=Path)
 TARGET_HELP = "Hugging Face target model folder (default: the reference SmolLM2-135M-Instruct)."
@@ -73,6 +74,96 @@ def generate(target_dir, draft_dir, prompt, max_new_tokens, temperature, seed, t
         f"\n[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
         f"tau {stats['tau']:.2f}, acceptance per position: {rates or '-'}]"
     )
+
+
+@main.command()
+@click.option("--target", "target_dir", type=DIR, default=None, help=TARGET_HELP)
+@click.option("--draft", "draft_dir", type=DIR, default=None, help=DRAFT_HELP)
+@click.option("--out", "out_dir", type=DIR, required=True, help="Folder to write the graphs into.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--opset", type=click.IntRange(min=18), default=18, show_default=True)
+def export(target_dir, draft_dir, out_dir, precision, opset) -> None:
+    """Trace the pair into target/draft/markov/verify ONNX graphs plus export.json."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from dspark_export.export import export_graphs
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as progress:
+        task = progress.add_task("export", total=None)
+        try:
+            out = export_graphs(target_dir, draft_dir, out_dir, precision=precision, opset=opset,
+                                on_step=lambda name: progress.update(task, description=f"export: {name}"))
+        except (ValueError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.option("--profile", "profile_name", default="cpu", show_default=True,
+              help="A shipped profile name (see `dspark-export profiles`) or a path to a YAML file.")
+@click.option("--target", "target_dir", type=DIR, default=None, help=TARGET_HELP)
+@click.option("--draft", "draft_dir", type=DIR, default=None, help=DRAFT_HELP)
+@click.option("--out", "out_dir", type=DIR, default=Path("dspark-bundle"), show_default=True)
+def build(profile_name, target_dir, draft_dir, out_dir) -> None:
+    """Export, compile for a hardware profile, measure SPS(B) and write a bundle."""
+    from dspark_export.build.pipeline import build_bundle
+    from dspark_export.build.profiles import ProfileError, load_profile
+    from dspark_export.build.tensorrt_build import TensorRTBuildError, TensorRTUnavailable
+
+    try:
+        profile = load_profile(profile_name)
+        out = build_bundle(profile, target_dir, draft_dir, out_dir)
+    except (ProfileError, TensorRTUnavailable, TensorRTBuildError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"bundle: {out}  (next: dspark-export run {out} --prompt \"...\")")
+
+
+@main.command()
+def profiles() -> None:
+    """List the shipped hardware profiles."""
+    from dspark_export.build.profiles import list_profiles, load_profile
+
+    for name in list_profiles():
+        p = load_profile(name)
+        click.echo(f"{name:<12} {p.backend:<12} {p.precision:<5} batch<={p.max_batch:<4} "
+                   f"context<={p.max_context:<6} {p.description}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and the verdict as JSON.")
+def inspect(bundle, as_json) -> None:
+    """Show a bundle's manifest and whether this machine can run it."""
+    from dspark_runtime.bundle import BundleError, check_compatibility, read_manifest, verify_files
+
+    try:
+        manifest = read_manifest(bundle)
+        problems = check_compatibility(manifest)
+        try:
+            if manifest.get("files"):
+                verify_files(bundle, manifest)
+        except BundleError as exc:
+            problems.append(str(exc))
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps({"manifest": manifest, "runnable": not problems, "problems": problems}))
+        return
+    shapes = manifest.get("shapes", {})
+    graph_files = ", ".join(f"{name}={g['file']}" for name, g in manifest.get("graphs", {}).items())
+    click.echo(f"bundle       {bundle}")
+    click.echo(f"format       {manifest.get('format_version')}  profile {manifest.get('profile_name')}  "
+               f"backend {manifest.get('backend')}  precision {manifest.get('precision')}")
+    click.echo(f"shapes       gamma {shapes.get('gamma')}  max batch {shapes.get('max_batch')}  "
+               f"max context {shapes.get('max_context')}  vocab {shapes.get('vocab_size')}")
+    click.echo(f"graphs       {graph_files}")
+    click.echo(f"sps table    {manifest.get('sps_table')}  calibration {manifest.get('calibration')}")
+    for tool, version in (manifest.get("tools") or {}).items():
+        click.echo(f"  {tool:<12} {version}")
+    click.echo("runnable here: yes" if not problems else "runnable here: NO\n  " + "\n  ".join(problems))
+
+
+main.add_command(run_command)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ _ONNX_TYPES = {
 }
 
 
-def export_graph(spec: GraphSpec, path: Path, opset: int) -> onnx.ModelProto:
-    """Trace `spec.module` and write a checked ONNX file at `path`."""
+def export_graph(spec: GraphSpec, path: Path, opset: int) -> None:
+    """Trace `spec.module` and write a checked ONNX file at `path`.
+
+    Dynamic dimensions keep the names of the wrappers' `torch.export.Dim`s (`batch`, `past`...).
+    """
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -43,21 +46,14 @@ def export_graph(spec: GraphSpec, path: Path, opset: int) -> onnx.ModelProto:
             optimize=True,
             verbose=False,
         )
-    model = program.model_proto
-    model.ir_version = IR_VERSION
-    _name_dynamic_axes(model, spec.dynamic_axes)
-    save_model(model, path)
+    # Saved straight from the exporter's IR (no intermediate ModelProto copy of the weights):
+    # this keeps peak memory near the model's own size plus one serialised copy.
+    program.model.ir_version = IR_VERSION
+    weight_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+                       if v.const_value is not None)
+    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+    del program
     check_model(path)
-    return model
-
-
-def _name_dynamic_axes(model: onnx.ModelProto, axes: dict[str, dict[int, str]]) -> None:
-    """Give symbolic dims readable names (`batch`, `past`, ...) on graph inputs and outputs."""
-    for value in list(model.graph.input) + list(model.graph.output):
-        for axis, name in axes.get(value.name, {}).items():
-            dim = value.type.tensor_type.shape.dim[axis]
-            dim.ClearField("dim_value")
-            dim.dim_param = name
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -5,7 +5,7 @@ dynamic dimensions next to the forward that defines them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,7 +28,6 @@ class GraphSpec:
     input_names: list[str]
     output_names: list[str]
     dynamic_shapes: tuple
-    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 class TargetGraph(nn.Module):
@@ -74,10 +73,6 @@ class MarkovGraph(nn.Module):
         return self.drafter.markov_sample(base_logits, hidden_states, anchor_ids, temperature, uniforms)
 
 
-def _axes(spec: dict[str, tuple]) -> dict[str, dict[int, str]]:
-    return {name: {axis: dim.__name__ for axis, dim in dims.items()} for name, dims in spec.items()}
-
-
 def target_spec(adapter: TargetAdapter, dtype: torch.dtype) -> GraphSpec:
     s = adapter.shapes
     batch, tokens, past = 2, 3, 5
@@ -90,10 +85,8 @@ def target_spec(adapter: TargetAdapter, dtype: torch.dtype) -> GraphSpec:
     outputs = ["logits", "features"] + kv_names("present", s.num_layers)
     dims = {"input_ids": {0: b, 1: t}, "position_ids": {0: b, 1: t}, "past_lengths": {0: b},
             "new_lengths": {0: b}, **{n: {0: b, 2: p} for n in names[4:]}}
-    out_dims = {"logits": {0: b, 1: t}, "features": {0: b, 1: t},
-                **{n: {0: b, 2: t} for n in outputs[2:]}}
     dynamic = (*[dims[n] for n in names[:4]], tuple(dims[n] for n in names[4:]))
-    return GraphSpec(TargetGraph(adapter), inputs, names, outputs, dynamic, _axes({**dims, **out_dims}))
+    return GraphSpec(TargetGraph(adapter), inputs, names, outputs, dynamic)
 
 
 def draft_spec(drafter: nn.Module, dtype: torch.dtype) -> GraphSpec:
@@ -120,9 +113,8 @@ def draft_spec(drafter: nn.Module, dtype: torch.dtype) -> GraphSpec:
     dims = {"block_ids": {0: b}, "block_positions": {0: b}, "context_features": {0: b, 1: n},
             "context_positions": {0: b, 1: n}, "context_lengths": {0: b}, "past_lengths": {0: b},
             **{name: {0: b, 2: p} for name in names[6:]}}
-    out_dims = {"hidden_states": {0: b}, "base_logits": {0: b}, **{o: {0: b, 2: n} for o in outputs[2:]}}
     dynamic = (*[dims[x] for x in names[:6]], tuple(dims[x] for x in names[6:]))
-    return GraphSpec(DraftGraph(drafter), inputs, names, outputs, dynamic, _axes({**dims, **out_dims}))
+    return GraphSpec(DraftGraph(drafter), inputs, names, outputs, dynamic)
 
 
 def markov_spec(drafter: nn.Module, dtype: torch.dtype) -> GraphSpec:
@@ -139,6 +131,6 @@ def markov_spec(drafter: nn.Module, dtype: torch.dtype) -> GraphSpec:
     b = Dim("batch")
     names = ["base_logits", "hidden_states", "anchor_ids", "temperature", "uniforms"]
     outputs = ["draft_ids", "draft_probs", "confidence_logits"]
-    dims = {name: {0: b} for name in names + outputs}
+    dims = {name: {0: b} for name in names}
     dynamic = tuple(dims[x] for x in names)
-    return GraphSpec(MarkovGraph(drafter), inputs, names, outputs, dynamic, _axes(dims))
+    return GraphSpec(MarkovGraph(drafter), inputs, names, outputs, dynamic)
