@@ -1,0 +1,114 @@
+"""Runtime-owned KV caches: preallocated buffers, per-row lengths, prefix commits.
+
+A cache is one `[B, H, S, D]` buffer per layer and per K/V (docs/graphs.md). Graphs read the
+whole buffer and mask positions `>= lengths[b]`, so a step passes the buffers themselves (no
+copy) and the graph returns K/V of the new positions only. `commit` then writes the accepted
+prefix of those new positions at each row's length: O(new tokens) per step, and rejected drafts
+never need rolling back. Where the buffers live is the backend's business (`Memory`): numpy on
+the host for the CPU provider, device memory for CUDA.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Memory(Protocol):
+    """Where a backend keeps cache buffers and how it copies between them."""
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """A new zero-filled buffer (masked slots are still read, and 0 * NaN is NaN)."""
+
+    def rows(self, buffer: Any, lo: int, hi: int) -> Any:
+        """A zero-copy view of rows `lo:hi` (axis 0) of a buffer."""
+
+    def commit(self, caches: list[Any], presents: list[Any], lengths: np.ndarray,
+               counts: np.ndarray) -> None:
+        """For each (cache, present) pair and row b:
+        cache[b, :, lengths[b]:lengths[b] + counts[b]] = present[b, :, :counts[b]]."""
+
+    def leading(self, array: Any, n: int) -> Any:
+        """array[:, :n] as a contiguous array (a view where the layout allows)."""
+
+    def synchronize(self) -> None:
+        """Make finished commits visible to the next graph run."""
+
+
+class HostMemory:
+    """numpy buffers: ONNX Runtime's CPU provider reads them in place."""
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def rows(self, buffer: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        return buffer[lo:hi]
+
+    def commit(self, caches: list[np.ndarray], presents: list[np.ndarray], lengths: np.ndarray,
+               counts: np.ndarray) -> None:
+        """One fancy-indexed copy per buffer, whatever the batch: (row, slot) index pairs of
+        every committed position are built once for all layers."""
+        rows = np.repeat(np.arange(len(counts)), counts)
+        src = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        dst = lengths[rows] + src
+        for cache, present in zip(caches, presents):
+            cache[rows, :, dst] = present[rows, :, src]
+
+    def leading(self, array: np.ndarray, n: int) -> np.ndarray:
+        return array if n == array.shape[1] else np.ascontiguousarray(array[:, :n])
+
+    def synchronize(self) -> None:
+        pass
+
+
+class KVCache:
+    """K/V buffers of one model (target or draft) for one batch of requests."""
+
+    def __init__(self, memory: Memory, *, layers: int, batch: int, heads: int, capacity: int,
+                 head_dim: int, dtype: np.dtype = np.float32) -> None:
+        self.memory = memory
+        self.capacity = capacity
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = [memory.empty(shape, dtype) for _ in range(layers)]
+        self.values = [memory.empty(shape, dtype) for _ in range(layers)]
+        self.lengths = np.zeros(batch, dtype=np.int64)
+        # Zero-length buffers for prefill: nothing to attend to, and no work spent masking S.
+        empty_shape = (batch, heads, 0, head_dim)
+        self._empty = memory.empty(empty_shape, dtype)
+
+    @classmethod
+    def for_graph(cls, runner: Any, *, batch: int, capacity: int) -> KVCache:
+        """Buffers shaped after a graph's `past_key_*` inputs, in the runner's memory."""
+        layers = sum(1 for name in runner.input_names if name.startswith("past_key_"))
+        _, heads, _, head_dim = runner.input_shapes["past_key_0"]
+        return cls(runner.memory, layers=layers, batch=batch, heads=int(heads),
+                   capacity=capacity, head_dim=int(head_dim),
+                   dtype=runner.input_dtypes["past_key_0"])
+
+    def feeds(self, lo: int, hi: int, *, empty: bool = False) -> dict[str, Any]:
+        """`past_key_i` / `past_value_i` inputs for rows lo:hi, as views of the buffers."""
+        feeds: dict[str, Any] = {}
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if empty:
+                k = v = self._empty
+            feeds[f"past_key_{i}"] = self.memory.rows(k, lo, hi)
+            feeds[f"past_value_{i}"] = self.memory.rows(v, lo, hi)
+        return feeds
+
+    def commit(self, outputs: Mapping[str, Any], counts: np.ndarray, lo: int = 0) -> None:
+        """Append the first `counts[b]` new positions of each row (rows lo:lo+len(counts)).
+
+        `outputs` holds `present_key_i` / `present_value_i` [rows, H, T, D] of the last run.
+        """
+        hi = lo + len(counts)
+        if np.any(self.lengths[lo:hi] + counts > self.capacity):
+            raise ValueError(f"KV cache overflow: capacity {self.capacity}, "
+                             f"lengths {self.lengths[lo:hi]} + {counts}")
+        rows = self.memory.rows
+        caches = [rows(b, lo, hi) for kv in zip(self.keys, self.values) for b in kv]
+        presents = [outputs[f"present_{kind}_{i}"] for i in range(len(self.keys))
+                    for kind in ("key", "value")]
+        self.memory.commit(caches, presents, self.lengths[lo:hi], counts)
+        self.memory.synchronize()
+        self.lengths[lo:hi] += counts

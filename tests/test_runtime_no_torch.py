@@ -1,0 +1,82 @@
+"""dspark_runtime imports and generates where torch and transformers cannot be imported."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from test_runtime import export_tiny_pair
+
+# Installed before anything else runs in the child: any import of a blocked package fails.
+BLOCKER = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = ("torch", "transformers")
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+    sys.meta_path.insert(0, Block())
+    for name in list(sys.modules):
+        if name.split(".")[0] in BLOCKED:
+            del sys.modules[name]
+""")
+
+CHILD = BLOCKER + textwrap.dedent("""
+    import json, pkgutil, importlib
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the blocker failed: torch imported")
+    import dspark_runtime
+    found = pkgutil.walk_packages(dspark_runtime.__path__, "dspark_runtime.")
+    modules = sorted(m.name for m in found)
+    skipped = {}
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # optional backends (tensorrt) may be absent here
+            skipped[name] = str(exc)
+    from dspark_runtime.pipeline import Pipeline
+    result = None
+    if len(sys.argv) > 1:
+        out = Pipeline.from_bundle(sys.argv[1]).generate(["t5 t6 t7"], max_new_tokens=6)
+        result = out.requests[0].token_ids
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+    print(json.dumps({"modules": modules, "skipped": skipped, "tokens": result, "leaked": leaked}))
+""")
+
+
+def _child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_runtime_imports_without_torch():
+    report = _child()
+    assert "dspark_runtime.pipeline" in report["modules"]
+    assert not report["leaked"]
+    for name, reason in report["skipped"].items():  # only a missing optional backend is fine
+        assert "torch" not in reason and "transformers" not in reason, (name, reason)
+        assert name.startswith("dspark_runtime.backends."), (name, reason)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    return export_tiny_pair(tmp_path_factory.getbasetemp())
+
+
+def test_tiny_pipeline_runs_without_torch(tiny_export):
+    from dspark_runtime.pipeline import Pipeline
+
+    report = _child(str(tiny_export))
+    want = Pipeline.from_bundle(tiny_export).generate(["t5 t6 t7"], max_new_tokens=6)
+    assert report["tokens"] == want.requests[0].token_ids
+    assert not report["leaked"]
