@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dspark_export import __version__
+from dspark_export.cli_distill import distill as distill_command
 from dspark_export.cli_run import run as run_command
 
 DIR = click.Path(file_okay=False, path_type=Path)
@@ -164,6 +165,7 @@ def inspect(bundle, as_json) -> None:
 
 
 main.add_command(run_command)
+main.add_command(distill_command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,411 @@
+"""Distillation: the prompt corpus, DeepSpec's objective and sampler, training = inference,
+a short run that lowers the loss and writes a loadable DeepSpec checkpoint, resuming, errors,
+and the GPU script's CPU path."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dspark_export import distill as distill_mod
+from dspark_export.distill import (
+    DistillError,
+    Batch,
+    build_rows,
+    distill,
+    drafter_block_logits,
+    dspark_loss,
+    lr_at,
+    sample_anchors,
+    shard_weights,
+    target_features,
+    unshard_weights,
+)
+from dspark_export.distill_data import (
+    DistillDataError,
+    build_corpus,
+    corpus_digest,
+    load_data,
+    load_prompts,
+)
+from dspark_export.models.draft import load_drafter, make_random_drafter, save_drafter
+from dspark_export.models.target import TargetAdapter
+
+from conftest import make_tiny_target
+
+EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "eval"
+TINY = dict(tokens=160, max_response_tokens=12, batch_size=4, anchors=6, markov_rank=8,
+            progress=False, check_features=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny llama target and one shared generation file (generated once)."""
+    root = tmp_path_factory.mktemp("distill")
+    target = make_tiny_target(root / "target", "llama")
+    data_file = root / "data.npz"
+    return {"root": root, "target": target, "data": data_file}
+
+
+def _run(tiny, out, **overrides):
+    kwargs = dict(TINY, data_file=tiny["data"])
+    kwargs.update(overrides)
+    return distill(tiny["target"], out, log=lambda *_: None, **kwargs)
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def test_corpus_is_seeded_deduplicated_and_mixed():
+    a, b = build_corpus(400, seed=3), build_corpus(400, seed=3)
+    assert a == b and corpus_digest(a) == corpus_digest(b)
+    assert corpus_digest(build_corpus(400, seed=4)) != corpus_digest(a)
+    assert len(a) == 400 and len({p.text for p in a}) == 400
+    counts = {d: sum(p.domain == d for p in a) for d in ("math", "code", "chat")}
+    assert all(c > 60 for c in counts.values()), counts
+    assert build_corpus(50, seed=3) == a[:50]  # a prefix of a larger corpus
+
+
+@pytest.mark.skipif(not EVAL_DIR.is_dir(), reason="../shared/eval is not present")
+def test_corpus_contains_no_evaluation_prompt():
+    corpus = build_corpus(4000, seed=0)
+    texts = {p.text for p in corpus}
+    blob = "\n".join(texts)
+    rng = np.random.default_rng(0)
+    for name in ("gsm8k.jsonl", "humaneval.jsonl", "mt-bench.jsonl"):
+        rows = [json.loads(line) for line in (EVAL_DIR / name).read_text().splitlines() if line]
+        for i in rng.choice(len(rows), size=min(150, len(rows)), replace=False):
+            turn = rows[i]["turns"][0]
+            assert turn not in texts
+            if name == "gsm8k.jsonl":  # the question itself, without the format instruction
+                question = turn.split("\nPlease reason")[0]
+                assert question[:80] not in blob, question
+            elif name == "humaneval.jsonl":  # its signature and first docstring line
+                lines = [line.strip().strip("\"'").strip() for line in turn.splitlines()[1:]]
+                signature = next(line for line in lines if line.startswith("def "))
+                doc = next((line for line in lines if len(line) >= 20 and not line.startswith(
+                    ("def ", "from ", "import ", "```"))), signature)
+                assert signature not in blob and doc[:60] not in blob, (signature, doc)
+            else:
+                assert turn[:60] not in blob, turn
+
+
+def test_load_prompts_formats_and_refusals(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a"}\n{"turns": ["b", "c"]}\n\n{"prompt": "a"}\n')
+    assert [p.text for p in load_prompts(jsonl)] == ["a", "b"]
+    text = tmp_path / "p.txt"
+    text.write_text("first line\n\nsecond line\n")
+    assert [p.text for p in load_prompts(text)] == ["first line", "second line"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n{"nope": 1}\n')
+    with pytest.raises(DistillDataError, match="bad.jsonl:2"):
+        load_prompts(bad)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DistillDataError, match="no prompts"):
+        load_prompts(tmp_path / "empty.txt")
+    eval_file = tmp_path / "shared" / "eval" / "gsm8k.jsonl"
+    eval_file.parent.mkdir(parents=True)
+    eval_file.write_text('{"turns": ["q"]}\n')
+    with pytest.raises(DistillDataError, match="evaluation"):
+        load_prompts(eval_file)
+    with pytest.raises(DistillDataError, match="not found"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+def _reference_loss(d, t, labels, mask, conf, ce_w, tv_w, conf_w, gamma):
+    """DeepSpec's loss written element by element (loss.py), in float64."""
+    num_ce = num_l1 = num_conf = den = 0.0
+    rows, block, _ = d.shape
+    for r in range(rows):
+        for k in range(block):
+            w = float(mask[r, k]) * math.exp(-k / gamma)
+            p = torch.softmax(d[r, k].double(), -1)
+            q = torch.softmax(t[r, k].double(), -1)
+            l1 = float((p - q).abs().sum())
+            acc = min(max(1 - 0.5 * l1, 0.0), 1.0)
+            s = torch.sigmoid(conf[r, k].double())
+            bce = -(acc * math.log(float(s)) + (1 - acc) * math.log(1 - float(s)))
+            num_ce += w * -math.log(float(p[labels[r, k]]))
+            num_l1 += w * l1
+            num_conf += w * bce
+            den += w
+    return (ce_w * num_ce + tv_w * num_l1 + conf_w * num_conf) / (den + 1e-6)
+
+
+def test_dspark_loss_matches_deepspec_formula():
+    g = torch.Generator().manual_seed(0)
+    rows, block, vocab = 5, 4, 11
+    d = torch.randn(rows, block, vocab, generator=g) * 2
+    t = torch.randn(rows, block, vocab, generator=g) * 2
+    labels = torch.randint(0, vocab, (rows, block), generator=g)
+    lengths = torch.tensor([4, 2, 0, 1, 3])
+    mask = torch.arange(block)[None] < lengths[:, None]
+    conf = torch.randn(rows, block, generator=g)
+    loss, stats = dspark_loss(d, t, labels, mask, conf, ce_weight=0.1, tv_weight=0.9,
+                              confidence_weight=1.0, loss_decay_gamma=4.0)
+    expected = _reference_loss(d, t, labels, mask, conf, 0.1, 0.9, 1.0, 4.0)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert stats.blocks == 4 and stats.tokens == 10
+    # the DFlash recipe: CE only, no confidence head
+    loss, _ = dspark_loss(d, t, labels, mask, None, ce_weight=1.0, tv_weight=0.0,
+                          confidence_weight=0.0)
+    expected = _reference_loss(d, t, labels, mask, torch.zeros(rows, block), 1.0, 0.0, 0.0, 4.0)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_sample_anchors_follow_deepspec_sampler():
+    loss_mask = torch.zeros(3, 20, dtype=torch.bool)
+    loss_mask[0, 5:20] = True  # candidates 5..18 (a and a+1 in the response)
+    loss_mask[1, 17:19] = True  # one candidate: 17
+    g = torch.Generator().manual_seed(1)
+    anchors, keep = sample_anchors(loss_mask, 6, g)
+    assert keep.sum(1).tolist() == [6, 1, 0]
+    row0 = anchors[0][keep[0]].tolist()
+    assert row0 == sorted(set(row0)) and all(5 <= a <= 18 for a in row0)
+    assert anchors[1][keep[1]].tolist() == [17]
+    picked = torch.stack([sample_anchors(loss_mask[:1], 1, torch.Generator().manual_seed(s))[0]
+                          for s in range(300)]).flatten()
+    assert set(picked.tolist()) == set(range(5, 19))  # uniform over every candidate
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0.02, 1.0, 0.04) == pytest.approx(0.5)
+    assert lr_at(0.04, 1.0, 0.04) == pytest.approx(1.0)
+    assert lr_at(0.52, 1.0, 0.04) == pytest.approx(0.5)
+    assert lr_at(1.0, 1.0, 0.04) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("head", ["vanilla", "rnn", None])
+def test_training_rows_equal_the_inference_path(tiny, head):
+    """drafter_block_logits == adapter features + backbone + teacher-forced Markov steps."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["target"], dtype=torch.float32).eval()
+    layer_ids = [0, 2]
+    drafter = make_random_drafter(model.config, block_size=4, target_layer_ids=layer_ids,
+                                  markov_rank=0 if head is None else 8,
+                                  markov_head_type=head or "vanilla", seed=1)
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(10.0)
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+    loss_mask[:, 9:] = True
+    batch = Batch(ids, torch.ones_like(ids), loss_mask)
+    anchors, keep = sample_anchors(loss_mask, 8, torch.Generator().manual_seed(2))
+    rows = build_rows(batch, anchors, keep, 4)
+    with torch.no_grad():
+        features, _ = target_features(model, ids, batch.attention_mask, layer_ids)
+        logits, confidence = drafter_block_logits(drafter, features, ids, rows)
+    adapter = TargetAdapter(model, layer_ids)
+    c = drafter.config
+    for r in range(rows.seq.shape[0]):
+        s, a = int(rows.seq[r]), int(rows.anchor[r])
+        keys, values = adapter.empty_cache(1, 0)
+        _, prefix, _, _ = adapter(ids[s:s + 1, :a], torch.arange(a)[None], torch.tensor([0]),
+                                  torch.tensor([a]), keys, values)
+        block = torch.full((1, 4), c.mask_token_id)
+        block[0, 0] = ids[s, a]
+        empty = torch.zeros(1, c.num_kv_heads, 0, c.head_dim)
+        with torch.no_grad():
+            hidden, base, _, _ = drafter.backbone(
+                block, a + torch.arange(4)[None], prefix, torch.arange(a)[None],
+                torch.tensor([a]), torch.tensor([0]), [empty], [empty])
+            state = torch.zeros(1, 8)
+            for k in range(int(rows.eval_mask[r].sum())):  # the supervised positions
+                expected = base[:, k]
+                prev = drafter.markov_head.prev_embeddings(ids[s, a + k][None]) \
+                    if drafter.markov_head is not None else None
+                if prev is not None:
+                    bias, state = drafter.markov_head.step(prev, hidden[:, k], state)
+                    expected = expected + bias
+                torch.testing.assert_close(logits[r, k], expected[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(confidence[r, k],
+                                           drafter._confidence_logit(hidden[:, k], prev)[0],
+                                           rtol=1e-4, atol=1e-4)
+        n = int(rows.eval_mask[r].sum())
+        assert n == min(4, ids.shape[1] - 1 - a) and n >= 1
+        assert rows.labels[r, :n].tolist() == ids[s, a + 1:a + 1 + n].tolist()
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def test_distill_lowers_loss_and_writes_a_loadable_deepspec_checkpoint(tiny):
+    out = _run(tiny, tiny["root"] / "run", steps=24, check_features=True)
+    record = json.loads((out / "training.json").read_text())
+    history = record["heldout"]["per_epoch"]
+    assert history[0]["step"] == 0
+    assert record["heldout"]["final"]["loss"] < 0.9 * history[0]["loss"]
+    assert record["training"]["steps"] == 24
+    assert record["data"]["response_tokens"] >= TINY["tokens"]
+    assert record["objective"]["ce_weight"] == 0.1 and record["objective"]["tv_weight"] == 0.9
+    assert not (out / ".checkpoints").exists()
+    # DeepSpec format: its config fields, fp16 tensors, no embeddings / lm_head
+    from safetensors.torch import load_file
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3DSparkModel"] and config["block_size"] == 7
+    assert config["markov_rank"] == 8 and config["enable_confidence_head"] is True
+    tensors = load_file(out / "model.safetensors")
+    assert "embed_tokens.weight" not in tensors and "lm_head.weight" not in tensors
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(tiny["target"], dtype=torch.float32)
+    drafter = load_drafter(out, target.config, target.get_input_embeddings(),
+                           target.get_output_embeddings())
+    assert drafter.config.target_layer_ids == record["drafter"]["target_layer_ids"]
+
+
+def test_resume_continues_from_the_checkpoint(tiny, monkeypatch):
+    reference = _run(tiny, tiny["root"] / "straight", steps=8, checkpoint_every=3)
+    calls = {"n": 0}
+    original = distill_mod._train_step
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    out = tiny["root"] / "resumed"
+    monkeypatch.setattr(distill_mod, "_train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny, out, steps=8, checkpoint_every=3)
+    monkeypatch.setattr(distill_mod, "_train_step", original)
+    assert sorted(p.name for p in (out / ".checkpoints").iterdir()) == [
+        "step-00000003.pt", "step-00000006.pt"]
+    messages = []
+    distill(tiny["target"], out, log=messages.append,
+            **dict(TINY, data_file=tiny["data"], steps=8, checkpoint_every=3))
+    assert any("at step 6/8" in m for m in messages), messages
+    record = json.loads((out / "training.json").read_text())
+    assert record["training"]["steps"] == 8
+    from safetensors.torch import load_file
+
+    a, b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in a:  # an interrupted and resumed run ends where an uninterrupted one does
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    # a finished folder is not silently replaced; other settings do not resume a checkpoint
+    with pytest.raises(DistillError, match="finished drafter"):
+        _run(tiny, out, steps=8)
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(distill_mod, "_train_step", interrupted)
+        calls["n"] = 0
+        _run(tiny, tiny["root"] / "other", steps=8, checkpoint_every=3)
+    monkeypatch.setattr(distill_mod, "_train_step", original)
+    with pytest.raises(DistillError, match="different settings"):
+        _run(tiny, tiny["root"] / "other", steps=9, checkpoint_every=3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(block_size=1), "block_size"),
+    (dict(markov_rank=-1), "markov_rank"),
+    (dict(markov_head_type="lstm"), "markov_head_type"),
+    (dict(steps=0), "steps"),
+    (dict(steps=5, epochs=1.0), "steps or epochs"),
+    (dict(tokens=0), "tokens"),
+    (dict(confidence_weight=0.0), "confidence_weight"),
+    (dict(ce_weight=0.0, tv_weight=0.0), "nothing trains"),
+    (dict(device="tpu"), "device"),
+    (dict(target_layer_ids=[0, 3]), "last layer"),
+    (dict(target_layer_ids=[2, 1]), "increasing"),
+    (dict(train_time_budget_s=0), "train_time_budget_s"),
+])
+def test_bad_arguments_raise_clear_errors(tiny, tmp_path, overrides, message):
+    with pytest.raises(DistillError, match=message):
+        _run(tiny, tmp_path / "out", steps=overrides.pop("steps", 2), **overrides)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_bad_folders_raise_clear_errors(tiny, tmp_path):
+    with pytest.raises(DistillError, match="no config.json"):
+        distill(tmp_path / "nowhere", tmp_path / "out", **TINY)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(DistillError, match="already holds files"):
+        _run(tiny, foreign, steps=2)
+    with pytest.raises(DistillError, match="not written by distill"):
+        _run(tiny, foreign, steps=2, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_cli_errors_and_dflash_recipe(tiny, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from dspark_export.cli_distill import distill as command
+
+    runner = CliRunner()
+    result = runner.invoke(command, ["--target", str(tiny["target"]), "--out", str(tmp_path / "o"),
+                                     "--target-layer-ids", "0,3", "--steps", "1", "--quiet"])
+    assert result.exit_code != 0 and "last layer" in result.output
+    result = runner.invoke(command, ["--out", str(tmp_path / "o"), "--steps", "1",
+                                     "--epochs", "1"])
+    assert result.exit_code != 0 and "not both" in result.output
+    seen = {}
+    monkeypatch.setattr(distill_mod, "distill", lambda *a, **k: seen.update(k) or tmp_path)
+    result = runner.invoke(command, ["--target", str(tiny["target"]), "--out",
+                                     str(tmp_path / "o"), "--dflash"])
+    assert result.exit_code == 0, result.output
+    assert (seen["markov_rank"], seen["confidence_head"], seen["ce_weight"],
+            seen["tv_weight"]) == (0, False, 1.0, 0.0)
+
+
+def test_shards_load_and_gpu_script_cpu_path(tiny, tmp_path):
+    """tools/gpu_distill.py end to end on CPU, with sharding forced below the drafter size."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_distill", root / "tools" / "gpu_distill.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.MAX_FILE_BYTES = 100_000  # the tiny DSpark drafter is ~150 kB: forces shards + tar
+    out = tmp_path / "out"
+    argv = ["--target", str(tiny["target"]), "--out", str(out), "--work", str(tmp_path / "w"),
+            "--device", "cpu", "--tokens", "60", "--max-response-tokens", "8", "--gen-batch", "8",
+            "--steps", "2", "--batch-size", "2", "--anchors", "4"]
+    assert script.main(argv) == 0
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert len(files) <= 8 and all((out / f).stat().st_size <= 100_000 for f in files), files
+    assert "dspark/model.safetensors.index.json" in files and "gpu_distill.log" in files
+    assert any(f.startswith("dflash.tar") for f in files)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny["target"])
+    shape = (config.vocab_size, config.hidden_size)
+    drafter = load_drafter(out / "dspark", config, torch.zeros(shape), torch.zeros(shape))
+    assert drafter.config.markov_rank == 64
+    log = (out / "gpu_distill.log").read_text()
+    assert "DSpark / DFlash" in log and "check: dflash loads" in log
+
+
+def test_shard_weights_round_trip(tmp_path):
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         vocab_size=300)
+    drafter = make_random_drafter(config, target_layer_ids=[0, 2], markov_rank=16)
+    out = save_drafter(drafter, tmp_path / "d")
+    shards = shard_weights(out, 40_000)
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    loaded = load_drafter(out, config, drafter.embed_tokens, drafter.lm_head)
+    for (name, a), (_, b) in zip(drafter.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    single = unshard_weights(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_drafter(out, config, drafter.embed_tokens, drafter.lm_head)
+    for (name, a), (_, b) in zip(drafter.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert single == out / "model.safetensors"
