@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _measure import run_measured
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,15 +51,10 @@ def fp32_weight_bytes() -> int:
 
 def run(precision: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        out = subprocess.run([sys.executable, "-c", CHILD, str(Path(tmp) / "export"), precision],
-                             check=True, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        wall, peak, stdout = run_measured([sys.executable, "-c", CHILD, str(Path(tmp) / "export"), precision])
         sizes = {p.name: p.stat().st_size for p in (Path(tmp) / "export").glob("*.onnx*")}
-    steps = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"precision": precision, "wall_s": wall, "peak_rss_bytes": max(peak, before) * 1024,
+    steps = json.loads(stdout.strip().splitlines()[-1])
+    return {"precision": precision, "wall_s": wall, "peak_rss_bytes": peak,
             "steps_s": steps, "graph_bytes": sizes}
 
 

@@ -452,7 +452,7 @@ def test_default_target_layer_ids():
 @pytest.mark.parametrize("overrides,message", [
     ({"target_layer_ids": [0, 2, 6]}, r"entry 6 is out of range \{-1\} U \[0, 5\]"),
     ({"target_layer_ids": [-2, 1]}, "entry -2 is out of range"),
-    ({"target_layer_ids": [1, 5]}, "entry 5 is the last target layer"),
+    ({"target_layer_ids": [1, 5]}, "entry 5 is the target's last layer"),
     ({"target_layer_ids": [2, 2]}, "strictly increasing"),
     ({"target_layer_ids": []}, "non-empty"),
     ({"markov_head_type": "lstm"}, "markov_head_type 'lstm' is not one of vanilla, gated, rnn"),

@@ -27,9 +27,10 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3MLP,
     Qwen3RMSNorm,
     Qwen3RotaryEmbedding,
-    rotate_half,
 )
 
+from dspark_export.models.target import TargetError, apply_rope
+from dspark_export.models.target import check_target_layer_ids as target_layer_ids_rule
 from dspark_export.models.markov import (
     MARKOV_HEAD_TYPES,
     NO_CONFIDENCE_LOGIT,
@@ -231,31 +232,11 @@ def _int_field(raw: dict[str, Any], name: str, source: str) -> int:
 
 
 def check_target_layer_ids(layer_ids: Any, num_target_layers: int, source: str) -> list[int]:
-    """DeepSpec's rule: -1 (embedding output) or a decoder layer, strictly increasing.
-
-    The last target layer is refused too: Hugging Face reports it after the final norm while
-    DeepSpec trains on raw decoder-layer outputs, so features would silently differ.
-    """
-    if not isinstance(layer_ids, list) or not layer_ids:
-        raise DraftError(f"{source}: target_layer_ids must be a non-empty list, got {layer_ids!r}")
-    if any(isinstance(i, bool) or not isinstance(i, int) for i in layer_ids):
-        raise DraftError(f"{source}: target_layer_ids must be integers, got {layer_ids!r}")
-    last = int(num_target_layers) - 1
-    for previous, current in zip(layer_ids, layer_ids[1:]):
-        if current <= previous:
-            raise DraftError(f"{source}: target_layer_ids {layer_ids} must be strictly increasing")
-    for layer_id in layer_ids:
-        if not (layer_id == -1 or 0 <= layer_id <= last):
-            raise DraftError(
-                f"{source}: target_layer_ids entry {layer_id} is out of range "
-                f"{{-1}} U [0, {last}] for num_target_layers={num_target_layers}"
-            )
-        if layer_id == last:
-            raise DraftError(
-                f"{source}: target_layer_ids entry {layer_id} is the last target layer; Hugging "
-                "Face reports that layer after the final norm, DeepSpec trains on raw outputs"
-            )
-    return list(layer_ids)
+    """The target's layer-id rule (`models.target`), reported as a drafter config error."""
+    try:
+        return target_layer_ids_rule(layer_ids, num_target_layers, source)
+    except TargetError as exc:
+        raise DraftError(str(exc)) from exc
 
 
 def _check_layer_types(hf: Qwen3Config, source: str) -> None:
@@ -297,13 +278,6 @@ def check_target_compat(config: DSparkConfig, target_config: PretrainedConfig) -
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on [B, H, N, D] with cos/sin [B, N, D], as Hugging Face's apply_rotary_pos_emb."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
 
 
 def masked_attention(

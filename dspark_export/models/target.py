@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 # model_type -> whether attention normalises q and k per head (Qwen3).
 SUPPORTED_ARCHITECTURES: dict[str, bool] = {
@@ -68,41 +69,38 @@ def load_target(target_dir: Path | str, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def check_target_layer_ids(layer_ids: list[int], num_layers: int) -> list[int]:
-    """DeepSpec's rule: -1 (embeddings) or a decoder layer, increasing, never the last layer.
+def check_target_layer_ids(layer_ids: object, num_layers: int, source: str = "target_layer_ids") -> list[int]:
+    """DeepSpec's rule: -1 (embedding output) or a decoder layer, strictly increasing.
 
-    The last layer is refused because Hugging Face reports it after the final norm while
-    DeepSpec trains on raw decoder-layer outputs.
+    The last layer is refused too: Hugging Face reports it after the final norm while DeepSpec
+    trains on raw decoder-layer outputs, so features would silently differ.
     """
-    ids = [int(i) for i in layer_ids]
-    if not ids:
-        raise TargetError("target_layer_ids is empty")
-    for previous, current in zip(ids, ids[1:]):
+    if not isinstance(layer_ids, list) or not layer_ids:
+        raise TargetError(f"{source}: target_layer_ids must be a non-empty list, got {layer_ids!r}")
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in layer_ids):
+        raise TargetError(f"{source}: target_layer_ids must be integers, got {layer_ids!r}")
+    last = int(num_layers) - 1
+    for previous, current in zip(layer_ids, layer_ids[1:]):
         if current <= previous:
-            raise TargetError(f"target_layer_ids {ids} must be strictly increasing")
-    for i in ids:
-        if i == num_layers - 1:
+            raise TargetError(f"{source}: target_layer_ids {layer_ids} must be strictly increasing")
+    for layer_id in layer_ids:
+        if not (layer_id == -1 or 0 <= layer_id <= last):
             raise TargetError(
-                f"target_layer_ids contains {i}, the target's last layer; use an earlier layer "
-                "(the last hidden state is post-norm in Hugging Face, raw in DeepSpec)"
+                f"{source}: target_layer_ids entry {layer_id} is out of range "
+                f"{{-1}} U [0, {last}] for a target with {num_layers} layers"
             )
-        if not (i == -1 or 0 <= i < num_layers):
+        if layer_id == last:
             raise TargetError(
-                f"target_layer_id {i} is out of range {{-1}} U [0, {num_layers - 2}] "
-                f"for a target with {num_layers} layers"
+                f"{source}: target_layer_ids entry {layer_id} is the target's last layer; Hugging "
+                "Face reports that layer after the final norm, DeepSpec trains on raw outputs"
             )
-    return ids
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return list(layer_ids)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on `[B, H, T, D]` with `cos`/`sin` of shape `[B, T, D]`."""
+    """RoPE on `[B, H, T, D]` with `cos`/`sin` of shape `[B, T, D]` (HF's apply_rotary_pos_emb)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def masked_attention(
