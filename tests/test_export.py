@@ -137,3 +137,30 @@ def test_unsupported_architecture_fails_before_work(tiny_targets, tmp_path):
     with pytest.raises(ValueError, match="not supported"):
         export_graphs(bad, tmp_path / "draft", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_graphs_keep_fp32_logits(tiny_targets, tmp_path, precision):
+    model, _ = load_target(tiny_targets["llama"])
+    drafter = make_random_drafter(model.config, num_layers=1, block_size=3, target_layer_ids=[1], seed=4)
+    save_drafter(drafter, tmp_path / "draft")
+    out = export_graphs(tiny_targets["llama"], tmp_path / "draft", tmp_path / "export", precision=precision)
+    graphs = json.loads((out / "export.json").read_text())["graphs"]
+    dtypes = {g: {v["name"]: v["dtype"] for v in graphs[g]["inputs"] + graphs[g]["outputs"]} for g in graphs}
+    half = {"fp16": "float16", "bf16": "bfloat16"}[precision]
+    assert dtypes["target"]["past_key_0"] == half and dtypes["target"]["features"] == half
+    assert dtypes["target"]["logits"] == "float32" and dtypes["draft"]["base_logits"] == "float32"
+    assert dtypes["markov"]["draft_probs"] == "float32"
+    if precision == "fp16":  # ONNX Runtime's CPU provider runs fp16 graphs (not bf16 ones)
+        sess = session(out / "target.onnx")
+        s = TargetAdapter(model, [1]).shapes
+        ids = np.arange(3, 11)[None]
+        feeds = {"input_ids": ids, "position_ids": np.arange(8)[None], "past_lengths": np.array([0]),
+                 "new_lengths": np.array([8]),
+                 **{f"past_{kind}_{i}": np.zeros((1, s.num_kv_heads, 0, s.head_dim), np.float16)
+                    for i in range(s.num_layers) for kind in ("key", "value")}}
+        logits = sess.run(["logits"], feeds)[0]
+        with torch.no_grad():
+            want = model(torch.from_numpy(ids)).logits.numpy()
+        span = float(want.max() - want.min())
+        assert np.abs(logits - want).max() <= 2e-2 * span
