@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dspark_export import __version__
+from dspark_export.cli_calibrate import calibrate as calibrate_command
 from dspark_export.cli_distill import distill as distill_command
 from dspark_export.cli_run import run as run_command
 
@@ -165,6 +166,7 @@ def inspect(bundle, as_json) -> None:
 
 
 main.add_command(run_command)
+main.add_command(calibrate_command)
 main.add_command(distill_command)
 
 
