@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, BundleError, read_manifest
 from .calibration import Calibration, sigmoid
 from .kv import KVCache
 from .sampling import RequestRandomness, select_tokens
@@ -34,8 +34,8 @@ class PromptError(ValueError):
 
 
 class Pipeline:
-    """A loaded bundle that generates text for batches of prompts. Runners are `Runner`s with
-    the device extension of backends/onnxruntime.py (`run`, `memory`, `input_shapes`)."""
+    """A loaded bundle that generates text for batches of prompts. Runners are
+    backends/base.py `Runner`s (`run`, `memory`, `input_shapes`, `input_dtypes`)."""
 
     def __init__(self, runners: dict[str, Any], tokenizer: TextTokenizer, *, mask_token_id: int,
                  context_limit: int, calibration: Calibration | None = None,
@@ -55,20 +55,22 @@ class Pipeline:
     def from_bundle(cls, path: str | os.PathLike, *, backend: str = "auto",
                     schedule: str = "fixed", threshold: float = DEFAULT_THRESHOLD,
                     threads: int | None = None) -> Pipeline:
-        """Load and check a bundle (or export folder); `backend`: auto, cpu or cuda (ONNX Runtime);
-        `threads` overrides the manifest's intra-op thread count."""
-        bundle = Bundle.load(path)
-        if bundle.backend != "onnxruntime":
-            raise BundleError(f"{path}: {bundle.backend} bundles cannot run in this loop yet (it "
-                              "needs device-resident caches; only onnxruntime bundles do)")
-        from .backends.onnxruntime import OnnxRuntimeRunner, default_providers, session_options
+        """Load and check a bundle (or export folder). `backend`: auto, cpu or cuda, the device
+        of an ONNX Runtime bundle (a TensorRT bundle runs on the GPU: auto or cuda); `threads`
+        overrides an ONNX Runtime bundle's intra-op thread count."""
+        if read_manifest(path)["backend"] == "tensorrt":
+            from .backends.tensorrt import require_tensorrt
 
-        options = dict(bundle.session_options, **({"intra_op_num_threads": threads} if threads
-                                                  else {}))
-        providers = default_providers(backend, options.get("providers"))
-        runners = {name: OnnxRuntimeRunner(file, providers=providers,
-                                           session_options=session_options(options))
-                   for name, file in bundle.graphs.items()}
+            require_tensorrt(backend)  # name the missing extra before hashing the engines
+        bundle = Bundle.load(path)
+        if bundle.backend == "tensorrt":
+            from .backends.tensorrt import load_runners
+
+            runners = load_runners(bundle)
+        else:
+            from .backends.onnxruntime import load_runners
+
+            runners = load_runners(bundle, backend, threads)
         manifest = bundle.manifest
         export = manifest.get("export") or {}  # an export folder: export.json as it is
         draft_config = (manifest.get("models") or {}).get("draft") or export

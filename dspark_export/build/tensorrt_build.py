@@ -86,7 +86,8 @@ def optimization_profiles(graph: onnx.ModelProto, name: str, profile: Profile, g
     settings = profile.tensorrt
     context = profile.max_context
     verify_rows = max(1, min(profile.max_batch, round(settings.verify_tokens_opt / (gamma + 1))))
-    fixed = {"G": (gamma,) * 3, "G_plus_1": (gamma + 1,) * 3, "V": (vocab,) * 3}
+    # verify.onnx's G: a scheduler may verify fewer than gamma drafts (at least one is padded in).
+    fixed = {"G": (1, gamma, gamma), "G_plus_1": (2, gamma + 1, gamma + 1), "V": (vocab,) * 3}
     p = settings.prefill_tokens
     regimes = {
         "prefill": {"rows": (1, 1, settings.prefill_max_batch), "tokens": (p.min, p.opt, p.max),

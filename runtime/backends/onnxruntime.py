@@ -3,32 +3,32 @@
 CPU: numpy arrays go into `InferenceSession.run` as they are (ONNX Runtime reads contiguous
 numpy memory in place, views of cache rows included), so the host-side cache is zero-copy.
 
-CUDA: the extension of `Runner` the loop uses is `run(feeds, device_outputs=...)` plus
-`memory` (where caches live) and `input_shapes` / `input_dtypes`. Feeds may be `DeviceArray`s
-(bound in place through IOBinding), outputs named in `device_outputs` stay on the GPU as
-`DeviceArray`s, the rest come back as numpy. Cache buffers are device allocations
-(`CudaMemory`), and a commit is a strided device-to-device copy (cudaMemcpy2DAsync through
-ctypes: no extra Python dependency), so a step moves no cache between host and device. TF32 is
+CUDA: the `Runner` interface (backends/base.py) with device feeds and outputs. Feeds may be
+`DeviceArray`s (bound in place through IOBinding), outputs named in `device_outputs` stay on
+the GPU as `DeviceArray`s, the rest come back as numpy. Cache buffers are device allocations
+(`OrtCudaMemory`: backends/cuda.py's `CudaMemory` over OrtValues), and a commit is a strided
+device-to-device copy (cudaMemcpy2DAsync through ctypes: no extra Python dependency), so a
+step moves no cache between host and device. TF32 is
 off: it moves fp32 logits enough to change sampled tokens. This path needs onnxruntime-gpu and
 a GPU and is chosen only where the CUDA provider is offered; CI cannot run it (its test skips).
 It was run on an H200 with onnxruntime-gpu 1.31.1: the same tokens as the CPU path.
 """
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
-import sys
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
 from ..kv import HostMemory
 from .base import Runner
+from .cuda import CudaMemory, DeviceArray
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -83,6 +83,18 @@ def session_options(settings: Mapping[str, Any]) -> ort.SessionOptions:
     return options
 
 
+def load_runners(bundle: Bundle, device: str = "auto",
+                 threads: int | None = None) -> dict[str, OnnxRuntimeRunner]:
+    """One runner per graph of a loaded ONNX Runtime bundle (or export folder); `threads`
+    overrides the manifest's intra-op thread count."""
+    options = dict(bundle.session_options, **({"intra_op_num_threads": threads} if threads
+                                              else {}))
+    providers = default_providers(device, options.get("providers"))
+    return {name: OnnxRuntimeRunner(file, providers=providers,
+                                    session_options=session_options(options))
+            for name, file in bundle.graphs.items()}
+
+
 def _preload_cuda_libraries() -> None:
     """Load CUDA/cuDNN from the nvidia-* wheels before a CUDA session is created (ORT >= 1.21)."""
     if hasattr(ort, "preload_dlls"):
@@ -106,10 +118,7 @@ class OnnxRuntimeRunner(Runner):
         self.input_dtypes = {i.name: numpy_dtype(i.type) for i in self.session.get_inputs()
                              if i.type in _ONNX_TYPES}
         self.on_device = self.session.get_providers()[0] == CUDA_PROVIDER
-        self.memory = CudaMemory() if self.on_device else HostMemory()
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.run(feeds)
+        self.memory = OrtCudaMemory() if self.on_device else HostMemory()
 
     def run(self, feeds: Mapping[str, Any], device_outputs: Collection[str] = ()) -> dict[str, Any]:
         """Run with host or device feeds; `device_outputs` stay where the graph ran."""
@@ -126,125 +135,21 @@ class OnnxRuntimeRunner(Runner):
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         values = binding.get_outputs()
-        return {name: DeviceArray.wrap(v) if name in device_outputs else v.numpy()
+        return {name: device_array(v) if name in device_outputs else v.numpy()
                 for name, v in zip(self.output_names, values)}
 
     def close(self) -> None:
         self.session = None
 
 
-@dataclass(frozen=True)
-class DeviceArray:
-    """A contiguous device tensor or a row range of one; `owner` keeps the memory alive."""
-
-    owner: Any
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @classmethod
-    def wrap(cls, value: ort.OrtValue) -> DeviceArray:
-        return cls(value, value.data_ptr(), tuple(value.shape()), numpy_dtype(value.data_type()))
-
-    @property
-    def row_bytes(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-
-    def rows(self, lo: int, hi: int) -> DeviceArray:
-        return DeviceArray(self.owner, self.ptr + lo * self.row_bytes, (hi - lo, *self.shape[1:]),
-                           self.dtype)
+def device_array(value: ort.OrtValue) -> DeviceArray:
+    """A DeviceArray over an OrtValue on the GPU (the OrtValue is its owner)."""
+    return DeviceArray(value, value.data_ptr(), tuple(value.shape()), numpy_dtype(value.data_type()))
 
 
-class CudaMemory:
-    """Device cache buffers; commits are strided device-to-device copies."""
+class OrtCudaMemory(CudaMemory):
+    """`CudaMemory` whose buffers ONNX Runtime allocates (OrtValues on its CUDA allocator)."""
 
-    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceArray:
-        """Zero-filled: masked cache slots are still multiplied by 0, and 0 * NaN is NaN."""
-        array = DeviceArray.wrap(ort.OrtValue.ortvalue_from_shape_and_type(
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceArray:
+        return device_array(ort.OrtValue.ortvalue_from_shape_and_type(
             list(shape), np.dtype(dtype).type, "cuda", 0))
-        nbytes = int(np.prod(shape, dtype=np.int64)) * array.dtype.itemsize
-        if nbytes:
-            _cudart().check(_cudart().lib.cudaMemset(ctypes.c_void_p(array.ptr), 0, nbytes))
-        return array
-
-    def rows(self, buffer: DeviceArray, lo: int, hi: int) -> DeviceArray:
-        return buffer.rows(lo, hi)
-
-    def commit(self, caches: list[DeviceArray], presents: list[DeviceArray],
-               lengths: np.ndarray, counts: np.ndarray) -> None:
-        """Per buffer and row: H blocks of counts[b] * D elements, pitch T*D to pitch S*D.
-
-        That is one cudaMemcpy2DAsync per (layer, K/V, row): fine at small batch; a batched
-        copy (cudaMemcpyBatchAsync, or one kernel) is the next step for large batches.
-        """
-        cudart = _cudart()
-        rows = [(b, int(lengths[b]), int(counts[b])) for b in np.flatnonzero(counts).tolist()]
-        for cache, present in zip(caches, presents):
-            _, heads, capacity, head_dim = cache.shape
-            row = head_dim * cache.dtype.itemsize
-            steps = present.shape[2]
-            for b, start, n in rows:
-                dst = cache.ptr + (b * heads * capacity + start) * row
-                src = present.ptr + b * heads * steps * row
-                cudart.check(cudart.lib.cudaMemcpy2DAsync(
-                    ctypes.c_void_p(dst), capacity * row, ctypes.c_void_p(src), steps * row,
-                    n * row, heads, 3, None))
-
-    def leading(self, array: DeviceArray, n: int) -> DeviceArray:
-        """array[:, :n]: a view for one row or the full axis, else one strided device copy."""
-        rows, full = array.shape[0], array.shape[1]
-        if n == full or rows == 1:
-            return DeviceArray(array.owner, array.ptr, (rows, n, *array.shape[2:]), array.dtype)
-        out = self.empty((rows, n, *array.shape[2:]), array.dtype)
-        inner = array.row_bytes // full
-        cudart = _cudart()
-        cudart.check(cudart.lib.cudaMemcpy2DAsync(ctypes.c_void_p(out.ptr), n * inner,
-                                                  ctypes.c_void_p(array.ptr), full * inner,
-                                                  n * inner, rows, 3, None))
-        self.synchronize()
-        return out
-
-    @staticmethod
-    def synchronize() -> None:
-        """Wait for the copies before the next graph reads them (ORT runs on its own stream)."""
-        _cudart().check(_cudart().lib.cudaDeviceSynchronize())
-
-
-class _CudaRuntime:
-    """The few CUDA runtime calls the commit path needs, through ctypes."""
-
-    def __init__(self) -> None:
-        self.lib = self._load()
-        self.lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
-                                               ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t,
-                                               ctypes.c_int, ctypes.c_void_p]
-        self.lib.cudaMemset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-        self.lib.cudaGetErrorString.restype = ctypes.c_char_p
-
-    @staticmethod
-    def _load() -> ctypes.CDLL:
-        names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
-        for site in sys.path:  # the nvidia-* wheels (nvidia/cu13/lib, nvidia/cuda_runtime/lib)
-            names += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*")))
-        for name in names:
-            try:
-                return ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                continue
-        raise RuntimeError("the CUDA path needs the CUDA runtime library (libcudart); "
-                           "install onnxruntime-gpu with its CUDA wheels")
-
-    def check(self, status: int) -> None:
-        if status != 0:
-            message = self.lib.cudaGetErrorString(status).decode()
-            raise RuntimeError(f"CUDA error {status}: {message}")
-
-
-_CUDART: _CudaRuntime | None = None
-
-
-def _cudart() -> _CudaRuntime:
-    global _CUDART
-    if _CUDART is None:
-        _CUDART = _CudaRuntime()
-    return _CUDART
