@@ -9,6 +9,7 @@ import click
 from dspark_export import __version__
 from dspark_export.cli_calibrate import calibrate as calibrate_command
 from dspark_export.cli_distill import distill as distill_command
+from dspark_export.cli_profile import profile as profile_command
 from dspark_export.cli_run import run as run_command
 
 DIR = click.Path(file_okay=False, path_type=Path)
@@ -168,6 +169,7 @@ def inspect(bundle, as_json) -> None:
 main.add_command(run_command)
 main.add_command(calibrate_command)
 main.add_command(distill_command)
+main.add_command(profile_command)
 
 
 if __name__ == "__main__":
