@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dspark_export.build import pipeline
 from dspark_export.build.bundle_writer import BundleWriter, update_bundle
-from dspark_export.build.onnxruntime_build import optimize_graphs, session_options
+from dspark_export.build.onnxruntime_build import optimize_graphs
+from dspark_runtime.backends.onnxruntime import session_options
 from dspark_export.build.profiles import load_profile
 from dspark_export.build.sps_profiling import default_token_counts, measure_sps
 from dspark_runtime.backends.onnxruntime import OnnxRuntimeRunner

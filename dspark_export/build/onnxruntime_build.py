@@ -81,12 +81,3 @@ def _optimize(src: Path, dst: Path, level: ort.GraphOptimizationLevel, providers
 def _has_external_data(path: Path) -> bool:
     model = onnx.load(str(path), load_external_data=False)
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def session_options(recorded: dict[str, Any]) -> ort.SessionOptions:
-    """The `SessionOptions` a manifest's `session_options` describe (for loading the bundle)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                               recorded["graph_optimization_level"])
-    options.intra_op_num_threads = recorded["intra_op_num_threads"]
-    return options

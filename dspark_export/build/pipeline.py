@@ -92,8 +92,7 @@ def _target_runner(profile: Profile, root: Path,
     if profile.backend == "onnxruntime":
         import onnxruntime as ort
 
-        from dspark_export.build.onnxruntime_build import session_options
-        from dspark_runtime.backends.onnxruntime import OnnxRuntimeRunner
+        from dspark_runtime.backends.onnxruntime import OnnxRuntimeRunner, session_options
 
         providers = [p for p in options["providers"] if p in ort.get_available_providers()]
         runner = OnnxRuntimeRunner(root / "target.onnx", providers=providers or None,
