@@ -16,48 +16,12 @@ import json
 import time
 from pathlib import Path
 
+from _cache import cached_export
+
+from dspark_export.profile import DECODE_STAGES as STAGES
+from dspark_export.profile import load_eval_prompts, summarise
+
 RESULTS = Path(__file__).parent / "results"
-EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
-SETS = ("gsm8k", "humaneval", "mt-bench")
-STAGES = ("draft", "markov", "schedule", "target_verify", "spec_verify", "host")
-
-
-def reference_export() -> Path:
-    """The reference pair's export folder, created on first use."""
-    from dspark_export.export import export_graphs
-    from dspark_export.reference import cache_dir
-
-    out = cache_dir() / "bench-runtime-export-fp32"
-    if not (out / "export.json").is_file():
-        print(f"exporting the reference pair to {out} (once) ...", flush=True)
-        export_graphs(None, None, out)
-    return out
-
-
-def load_prompts(per_set: int) -> dict[str, list[str]]:
-    prompts = {}
-    for name in SETS:
-        with open(EVAL / f"{name}.jsonl", encoding="utf-8") as handle:
-            lines = [line for _, line in zip(range(per_set), handle)]
-        prompts[name] = [json.loads(line)["turns"][0] for line in lines]
-    return prompts
-
-
-def summarise(results: list) -> dict:
-    """Aggregate over runs: tokens/s over summed time, per-step stage means, host overhead."""
-    steps = sum(r.steps for r in results)
-    decode = sum(r.decode_s for r in results)
-    graph = sum(r.graph_seconds for r in results)
-    return {
-        "tokens_per_s": sum(r.new_tokens for r in results) / decode,
-        "tau": (sum(r.tau * r.steps for r in results) / steps) if steps else 1.0,
-        "steps": steps,
-        "new_tokens": sum(r.new_tokens for r in results),
-        "step_ms": 1e3 * decode / steps,
-        "stage_ms_per_step": {s: 1e3 * sum(r.seconds[s] for r in results) / steps for s in STAGES},
-        "prefill_ms": 1e3 * sum(r.seconds["prefill"] for r in results) / len(results),
-        "host_overhead": 1.0 - graph / decode,
-    }
 
 
 def main() -> None:
@@ -70,14 +34,17 @@ def main() -> None:
 
     from dspark_runtime.pipeline import Pipeline
 
-    bundle = args.bundle or reference_export()
+    from dspark_export.reference import reference_draft_dir
+
+    bundle = args.bundle or cached_export(None, reference_draft_dir(), "reference")
     pipe = Pipeline.from_bundle(bundle, backend="cpu", threads=args.threads)
-    prompts = load_prompts(args.per_set)
-    pipe.generate([prompts[SETS[0]][0]], max_new_tokens=8)  # warm-up: first-run allocations
-    pipe.generate([prompts[SETS[0]][0]], max_new_tokens=8, target_only=True)
-    runs: dict[str, dict[str, list]] = {s: {"target_only": [], "dspark": []} for s in SETS}
+    prompts = {domain: v["prompts"] for domain, v in load_eval_prompts(args.per_set).items()}
+    sets = tuple(prompts)
+    pipe.generate([prompts[sets[0]][0]], max_new_tokens=8)  # warm-up: first-run allocations
+    pipe.generate([prompts[sets[0]][0]], max_new_tokens=8, target_only=True)
+    runs: dict[str, dict[str, list]] = {s: {"target_only": [], "dspark": []} for s in sets}
     started = time.time()
-    for name in SETS:
+    for name in sets:
         for prompt in prompts[name]:
             for mode in ("target_only", "dspark"):
                 result = pipe.generate([prompt], max_new_tokens=args.max_new_tokens,
@@ -87,8 +54,8 @@ def main() -> None:
                       f"{result.tokens_per_s:6.1f} tok/s tau {result.tau:.2f}", flush=True)
 
     table = {}
-    for name in (*SETS, "all"):
-        chosen = SETS if name == "all" else (name,)
+    for name in (*sets, "all"):
+        chosen = sets if name == "all" else (name,)
         table[name] = {mode: summarise([r for s in chosen for r in runs[s][mode]])
                        for mode in ("target_only", "dspark")}
         table[name]["speedup"] = (table[name]["dspark"]["tokens_per_s"]

@@ -102,7 +102,7 @@ def simulate(rounds, confidences: np.ndarray, sps, concurrency: list[int], trial
     gamma = rounds.gamma
     # States: (row of t-2, row of t-1, row of t) of one request, round t fully verified.
     order = np.lexsort((rounds.step, rounds.request))
-    req, acc, ver = rounds.request[order], rounds.accepted[order], rounds.verified[order]
+    req, ver = rounds.request[order], rounds.verified[order]
     same = (req[2:] == req[:-2]) & (ver[2:] == gamma)
     states = order[np.stack([np.arange(len(req) - 2), np.arange(1, len(req) - 1),
                              np.arange(2, len(req))], axis=1)[same]]
