@@ -207,9 +207,9 @@ class TargetAdapter(nn.Module):
         cos, sin = inner.rotary_emb(hidden, position_ids)
         tokens = input_ids.shape[1]
         cache_len = past_keys[0].shape[2]
-        past_valid = torch.arange(cache_len)[None, :] < past_lengths[:, None]
+        past_valid = torch.arange(cache_len, device=input_ids.device)[None, :] < past_lengths[:, None]
         past_valid = past_valid[:, None, None, :]
-        idx = torch.arange(tokens)
+        idx = torch.arange(tokens, device=input_ids.device)
         causal = idx[None, :] <= idx[:, None]
         new_valid = causal[None, :, :] & (idx[None, None, :] < new_lengths[:, None, None])
         new_valid = new_valid[:, None, :, :]
