@@ -93,6 +93,18 @@ def _target_step(adapter: TargetAdapter, cache: _Cache, ids: list[int]):
                    cache.keys, cache.values)
 
 
+def _prefill(adapter: TargetAdapter, prompt_ids: list[int], temperature: float,
+             rng: np.random.Generator, stats: DecodeStats) -> tuple[_Cache, torch.Tensor, int]:
+    """Run the prompt: (target cache, its features (not yet in any draft cache), first token)."""
+    t0 = time.perf_counter()
+    cache = _Cache(*adapter.empty_cache(1, 0))
+    logits, features, keys, values = _target_step(adapter, cache, prompt_ids)
+    cache.commit(keys, values, len(prompt_ids))
+    first = _sample(logits[0, -1], temperature, rng.random())
+    stats.prefill_s = time.perf_counter() - t0
+    return cache, features, first
+
+
 def _sample(logits: torch.Tensor, temperature: float, u: float) -> int:
     ids, _ = select_token(logits[None], torch.tensor([temperature]), torch.tensor([u]))
     return int(ids[0])
@@ -153,14 +165,9 @@ def generate_target_only(
     """Plain autoregressive decoding with the target alone."""
     rng = np.random.default_rng(seed)
     stats = DecodeStats()
+    cache, _, first = _prefill(adapter, prompt_ids, temperature, rng, stats)
     t0 = time.perf_counter()
-    cache = _Cache(*adapter.empty_cache(1, 0))
-    logits, _, keys, values = _target_step(adapter, cache, prompt_ids)
-    cache.commit(keys, values, len(prompt_ids))
-    out = [_sample(logits[0, -1], temperature, rng.random())]
-    stats.prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out, done = _finish(out, stop_ids, max_new_tokens)
+    out, done = _finish([first], stop_ids, max_new_tokens)
     while not done:
         logits, _, keys, values = _target_step(adapter, cache, out[-1:])
         cache.commit(keys, values, 1)
@@ -193,18 +200,12 @@ def generate_speculative(
     scheduler.reset()
     active = np.ones(1, dtype=bool)
     stats = DecodeStats()
-    t0 = time.perf_counter()
-    cache = _Cache(*adapter.empty_cache(1, 0))
-    logits, features, keys, values = _target_step(adapter, cache, prompt_ids)
-    cache.commit(keys, values, len(prompt_ids))
+    cache, pending, first = _prefill(adapter, prompt_ids, temperature, rng, stats)
     c = drafter.config
-    empty = torch.zeros(1, c.num_kv_heads, 0, c.head_dim, dtype=features.dtype)
+    empty = torch.zeros(1, c.num_kv_heads, 0, c.head_dim, dtype=pending.dtype)
     draft_cache = _Cache([empty] * c.num_layers, [empty] * c.num_layers)
-    pending = features  # target features not yet in the draft cache
-    out = [_sample(logits[0, -1], temperature, rng.random())]
-    stats.prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out, done = _finish(out, stop_ids, max_new_tokens)
+    out, done = _finish([first], stop_ids, max_new_tokens)
     temp = torch.tensor([temperature])
     while not done:
         anchor, anchor_pos = out[-1], cache.length
