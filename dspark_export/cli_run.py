@@ -9,13 +9,13 @@ import click
 SCHEDULES = ("fixed", "threshold", "hardware", "async")
 
 
-def _summary(result) -> str:
+def _summary(result, schedule: str) -> str:
     """The stats lines printed after the streamed text."""
     stages = "  ".join(f"{name} {seconds * 1e3:.1f}" for name, seconds in result.seconds.items())
     rates = " ".join("-" if r != r else f"{r:.2f}"
                      for r in result.requests[0].acceptance_per_position())
     return (f"[{result.new_tokens} tokens, {result.tokens_per_s:.1f} tokens/s, "
-            f"tau {result.tau:.2f}, {result.steps} steps, "
+            f"tau {result.tau:.2f}, {result.steps} steps, schedule {schedule}, "
             f"host overhead {100 * result.host_overhead:.1f}%]\n"
             f"[time per stage, ms: {stages}]\n"
             f"[acceptance per position: {rates or '-'}]")
@@ -28,8 +28,9 @@ def _summary(result) -> str:
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="0 is greedy.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="fixed", show_default=True,
-              help="How many drafts the target verifies per step.")
+@click.option("--schedule", type=click.Choice(("auto", *SCHEDULES)), default="auto",
+              show_default=True, help="How many drafts the target verifies per step (auto: "
+              "hardware when the bundle has an SPS table, else fixed).")
 @click.option("--threshold", default=None, type=click.FloatRange(0.0, 1.0),
               help="Confidence threshold of --schedule threshold (default 0.5).")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -51,9 +52,12 @@ def run(bundle: Path, prompt: str, max_new_tokens: int, temperature: float, seed
     from dspark_runtime.schedule import DEFAULT_THRESHOLD
 
     try:
-        pipe = Pipeline.from_bundle(bundle, backend=backend, schedule=schedule, threads=threads,
+        pipe = Pipeline.from_bundle(bundle, backend=backend, threads=threads,
+                                    schedule="fixed" if schedule == "auto" else schedule,
                                     threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
         prompt_ids = pipe.encode([prompt], raw=raw)
+        if schedule == "auto":
+            schedule = "hardware" if pipe.sps is not None else "fixed"
     except (BundleError, PromptError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -61,10 +65,10 @@ def run(bundle: Path, prompt: str, max_new_tokens: int, temperature: float, seed
         click.echo(text, nl=False)
 
     result = pipe.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                           seed=seed, target_only=target_only,
+                           seed=seed, target_only=target_only, schedule=schedule,
                            stream=None if as_json else stream)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
     click.echo("\n")
-    click.echo(_summary(result))
+    click.echo(_summary(result, "target-only" if target_only else schedule))
