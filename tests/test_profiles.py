@@ -1,6 +1,8 @@
 """Hardware profiles: every shipped one validates, and bad fields are named with their file."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import yaml
 from dspark_export.build.profiles import (Profile, ProfileError, list_profiles, load_profile,
                                           profiles_dir)
 
-SHIPPED = ["a100", "cpu", "h100", "h200", "jetson-orin", "l4", "l40s", "rtx4090"]
+SHIPPED = ["a100", "cpu", "cuda-ort", "h100", "h200", "jetson-orin", "l4", "l40s", "rtx4090"]
 
 
 def test_list_profiles_has_every_target():
@@ -130,3 +132,43 @@ def test_not_a_mapping(tmp_path):
 def test_gamma_outside_profile_range():
     with pytest.raises(ProfileError, match="gamma .* is 17, outside"):
         load_profile("h100").check_gamma(17)
+
+
+def test_cuda_ort_profile():
+    """ONNX Runtime on the CUDA provider: fp16 graphs, CUDA first with the CPU as fallback."""
+    profile = load_profile("cuda-ort")
+    assert (profile.backend, profile.precision) == ("onnxruntime", "fp16")
+    assert profile.onnxruntime.execution_providers == ("CUDAExecutionProvider",
+                                                       "CPUExecutionProvider")
+    assert profile.max_batch >= 32 and profile.max_context >= 2048
+    assert profile.to_dict()["onnxruntime"]["execution_providers"][0] == "CUDAExecutionProvider"
+
+
+def test_cuda_ort_builds_without_the_cuda_provider(tmp_path, monkeypatch):
+    """Without onnxruntime-gpu the portable graphs still build, and the SPS table says it was
+    measured on the CPU provider (with a warning), never that it describes a GPU."""
+    import sys
+    import types
+
+    import onnxruntime as ort
+
+    from dspark_export.build import pipeline
+    from dspark_runtime.bundle import Bundle
+    from test_bundle import make_tiny_export
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("the CUDA provider is offered here")
+    fake = types.ModuleType("dspark_export.export")
+    fake.export_graphs = lambda t, d, out, *, precision="fp32", opset=18, on_step=None: \
+        make_tiny_export(out)
+    monkeypatch.setitem(sys.modules, "dspark_export.export", fake)
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider is not offered"):
+        # The tiny hand-made graphs are fp32 whatever the precision: build them as fp32.
+        profile = dataclasses.replace(load_profile("cuda-ort"), precision="fp32")
+        out = pipeline.build_bundle(profile, None, None, tmp_path / "b", progress=False)
+    bundle = Bundle.load(out)
+    assert bundle.session_options["providers"][0] == "CUDAExecutionProvider"
+    assert bundle.session_options["offline"]["graph_optimization_level"] == "ORT_ENABLE_BASIC"
+    table = json.loads(bundle.sps_table_path.read_text())
+    assert table["device"].startswith("CPU (") and "not available at build time" in table["device"]
+    assert table["points"][-1]["tokens"] == 32 * (table["gamma"] + 1)

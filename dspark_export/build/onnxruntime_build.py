@@ -81,3 +81,57 @@ def _optimize(src: Path, dst: Path, level: ort.GraphOptimizationLevel, providers
 def _has_external_data(path: Path) -> bool:
     model = onnx.load(str(path), load_external_data=False)
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def cuda_device_name() -> str:
+    """The GPU's name for sps_table.json (torch is loaded by the export that precedes this)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:  # pragma: no cover - torch is a dependency of the build
+        pass
+    return "CUDAExecutionProvider"
+
+
+class DeviceTimedRunner:
+    """A CUDA-provider `OnnxRuntimeRunner` whose SPS timing keeps inputs and outputs on the GPU
+    (`time_infer`, as `measure_sps` uses for TensorRT): the runtime binds device-resident KV
+    caches through IOBinding, so host<->device copies of the caches are not a step's cost."""
+
+    _WARMUP = 2
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def infer(self, feeds: Any) -> dict[str, Any]:
+        return self.runner.infer(feeds)
+
+    def time_infer(self, feeds: dict[str, Any], repeats: int) -> list[float]:
+        import time
+
+        import numpy as np
+
+        from dspark_runtime.backends.onnxruntime import device_array
+
+        # Inputs uploaded once (the OrtValues own the device memory while they are bound).
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", 0)
+                  for v in feeds.values()]
+        device_feeds = {k: device_array(v) for k, v in zip(feeds, values)}
+        outputs = set(self.runner.output_names)
+        for _ in range(self._WARMUP):
+            self.runner.run(device_feeds, device_outputs=outputs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.runner.run(device_feeds, device_outputs=outputs)  # synchronises its outputs
+            times.append(time.perf_counter() - start)
+        del values
+        return times
+
+    def close(self) -> None:
+        self.runner.close()

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,14 +93,31 @@ def _target_runner(profile: Profile, root: Path,
     if profile.backend == "onnxruntime":
         import onnxruntime as ort
 
+        from dspark_export.build.onnxruntime_build import DeviceTimedRunner, cuda_device_name
         from dspark_runtime.backends.onnxruntime import OnnxRuntimeRunner, session_options
 
-        providers = [p for p in options["providers"] if p in ort.get_available_providers()]
+        available = ort.get_available_providers()
+        missing = [p for p in options["providers"] if p not in available]
+        providers = [p for p in options["providers"] if p in available]
+        if "CUDAExecutionProvider" in providers:
+            # Same provider options as the runtime (TF32 off), and its CUDA libraries loaded.
+            from dspark_runtime.backends.onnxruntime import default_providers
+
+            providers = default_providers("cuda", options["providers"])
         runner = OnnxRuntimeRunner(root / "target.onnx", providers=providers or None,
                                    session_options=session_options(options))
-        device = (f"CPU ({platform.machine()}, {os.cpu_count()} threads)"
-                  if runner.session.get_providers()[0] == "CPUExecutionProvider"
-                  else runner.session.get_providers()[0])
+        first = runner.session.get_providers()[0]
+        if first == "CUDAExecutionProvider":
+            # Time the graph with the KV caches on the GPU, as the runtime runs it.
+            return DeviceTimedRunner(runner), cuda_device_name()
+        device = f"CPU ({platform.machine()}, {os.cpu_count()} threads)"
+        if missing:
+            device += f"; {', '.join(missing)} not available at build time"
+            warnings.warn(f"profile {profile.name}: {', '.join(missing)} is not offered by this "
+                          f"onnxruntime ({', '.join(available)}); the graphs are portable, but "
+                          f"SPS(B) was measured on the CPU provider (recorded in sps_table.json)"
+                          "; rebuild on the target machine for a hardware-aware schedule",
+                          stacklevel=2)
         return runner, device
     from dspark_runtime.backends.tensorrt import TensorRTRunner, gpu_info
 
