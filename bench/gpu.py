@@ -378,7 +378,7 @@ def format_table(report: dict[str, Any]) -> str:
              f", onnxruntime {report.get('env', {}).get('onnxruntime')}, bundle "
              f"{report.get('bundle', '-')}"]
     bench = (report.get("bench") or {}).get("table") or {}
-    head = f"| reqs | mode | tok/s | tau | step ms | " + " | ".join(
+    head = "| reqs | mode | tok/s | tau | step ms | " + " | ".join(
         f"{s} ms" for s in STAGES) + " | vs target |"
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for c, modes in bench.items():
