@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -41,35 +40,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from device_env import Tee, bootstrap  # noqa: E402  (tools/ is not a package)
+
 DATA = Path(__file__).resolve().parent / "data"
 PROMPTS_FILE = DATA / "gpu_prompts.json"
 REFERENCE_FILE = DATA / "gpu_reference_tokens.json"
 CONCURRENCY = (1, 8, 32)
 MODES = ("target_only", "dspark_fixed", "dspark_hardware")
 STAGES = ("draft", "markov", "target_verify", "spec_verify", "schedule", "host")
-
-
-def bootstrap() -> None:
-    """Make the repository's packages importable from a bare checkout (no pip install there):
-    `dspark_export` is a folder of the root, `dspark_runtime` is runtime/, `dspark_plugins`
-    is plugins/, `dspark_export.profiles` is profiles/."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    for name, folder in (("dspark_runtime", "runtime"), ("dspark_plugins", "plugins")):
-        if importlib.util.find_spec(name) is None:
-            _register(name, ROOT / folder)
-    import dspark_export  # noqa: F401
-
-    if importlib.util.find_spec("dspark_export.profiles") is None:
-        _register("dspark_export.profiles", ROOT / "profiles")
-
-
-def _register(name: str, folder: Path) -> None:
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
 
 
 class PhaseTimeout(Exception):
@@ -93,27 +72,6 @@ def time_box(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-class _Tee:
-    def __init__(self, stream, log):
-        self.stream, self.log = stream, log
-
-    def write(self, text):
-        self.stream.write(text)
-        self.log.write(text)
-        self.log.flush()
-        return len(text)
-
-    def flush(self):
-        self.stream.flush()
-        self.log.flush()
-
-    def isatty(self):
-        return False
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -430,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         return write_reference(args)
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "gpu.log", "a", encoding="utf-8")
-    sys.stdout = _Tee(sys.__stdout__, log)
-    sys.stderr = _Tee(sys.__stderr__, log)
+    sys.stdout = Tee(sys.__stdout__, log)
+    sys.stderr = Tee(sys.__stderr__, log)
     started = time.time()
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "argv": sys.argv[1:] if argv is None else argv,

@@ -32,22 +32,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import_plugins() -> None:
-    """Make `dspark_plugins` importable from a bare checkout (the lent GPU has no install)."""
-    try:
-        import dspark_plugins  # noqa: F401
-    except ImportError:
-        import importlib.util
+sys.path.insert(0, str(ROOT / "tools"))
+from device_env import bootstrap  # noqa: E402  (tools/ is not a package)
 
-        spec = importlib.util.spec_from_file_location(
-            "dspark_plugins", ROOT / "plugins" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "plugins")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["dspark_plugins"] = module
-        spec.loader.exec_module(module)
-
-
-_import_plugins()
+bootstrap()  # the lent GPU runs a bare checkout, nothing installed
 from dspark_plugins.spec_verify.reference import RESIDUAL_EPS, softmax, spec_verify  # noqa: E402
 
 FULL_B = (1, 8, 32)

@@ -39,35 +39,14 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the lent GPU runs a bare checkout, nothing installed
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from device_env import Tee, bootstrap  # noqa: E402  (tools/ is not a package)
+
+bootstrap()  # the lent GPU runs a bare checkout, nothing installed
 
 MAX_FILE_BYTES = 15_000_000  # what comes back from the device: < 16 MiB a file
 MAX_FILES = 8
 LOG_NAME = "gpu_distill.log"
-
-
-class _Tee:
-    """Copy a stream into the log file as it is written (the log survives a timeout)."""
-
-    def __init__(self, stream, log):
-        self.stream, self.log = stream, log
-
-    def write(self, text):
-        self.stream.write(text)
-        self.log.write(text)
-        self.log.flush()
-        return len(text)
-
-    def flush(self):
-        self.stream.flush()
-        self.log.flush()
-
-    def isatty(self):
-        return False
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -246,7 +225,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / LOG_NAME).open("a", encoding="utf-8")
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(saved[0], log), _Tee(saved[1], log)
+    sys.stdout, sys.stderr = Tee(saved[0], log), Tee(saved[1], log)
     t_start = time.perf_counter()
     status = 0
     try:
