@@ -14,10 +14,11 @@ download and never reads the evaluation prompts in `../shared/eval/`:
 versions; `corpus_digest` records exactly which prompts were used). `--prompts FILE` replaces it
 (`load_prompts`: jsonl with `prompt` or `turns`, or plain text lines).
 
-`generate_responses` then runs the target greedily on the chat-formatted prompts (batched
-`generate`, left padding) and stores prompt + response token ids with the prompt length of each
-sequence (the loss mask covers response tokens only) in one compressed `.npz`, rewritten after
-every batch so an interrupted run resumes where it stopped.
+`generate_responses` then runs the target greedily on the chat-formatted prompts (continuous
+batching over explicit caches, `greedy_batch.py`) and stores prompt + response token ids with
+the prompt length of each sequence (the loss mask covers response tokens only) in one
+compressed `.npz`, rewritten after every wave of prompts so an interrupted run resumes where
+it stopped.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import json
 import os
 import random
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ import numpy as np
 DOMAINS = ("math", "code", "chat")
 DEFAULT_MIX = {"math": 0.35, "code": 0.35, "chat": 0.30}
 DATA_FORMAT = "dspark-distill-data/1"
+WAVE_SLOTS = 8  # a wave of prompts fills the decoding slots this many times
 # The evaluation prompts (never trained on); `load_prompts` refuses files from there.
 EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "eval"
 
@@ -309,6 +312,7 @@ def _math_prompts(rng: random.Random) -> Iterator[str]:
 # Code: tasks from the standard library
 # --------------------------------------------------------------------------------------------
 
+# Not `inspect`: torch replaces inspect.getfile on import, so the corpus would depend on it.
 _STDLIB_MODULES = (
     "base64", "bisect", "calendar", "cmath", "colorsys", "copy", "csv", "datetime", "decimal",
     "difflib", "email.utils", "fnmatch", "fractions", "functools", "glob", "graphlib", "gzip",
@@ -316,7 +320,7 @@ _STDLIB_MODULES = (
     "linecache", "math", "mimetypes", "operator", "os.path", "pathlib", "pprint", "quopri",
     "random", "re", "reprlib", "secrets", "shlex", "shutil", "statistics", "string",
     "struct", "tempfile", "textwrap", "timeit", "tokenize", "unicodedata", "urllib.parse",
-    "uuid", "zlib", "collections", "contextlib", "dataclasses", "enum", "inspect", "typing",
+    "uuid", "zlib", "collections", "contextlib", "dataclasses", "enum", "typing",
     "argparse", "configparser", "logging", "queue", "sched", "filecmp", "zipfile", "tarfile",
     "ast", "codecs", "platform", "sysconfig", "traceback", "warnings", "numbers", "weakref",
     "types", "array", "locale", "gettext", "binascii", "wave", "abc",
@@ -339,7 +343,10 @@ def _first_paragraph(doc: str) -> str:
 
 
 def stdlib_functions() -> list[_StdlibFunction]:
-    """Public functions of a fixed list of standard-library modules, with a usable docstring."""
+    """Public functions of a fixed list of standard-library modules, with a usable docstring.
+
+    Only what every process sees alike: no function a third-party import patched into a
+    standard module, no signature whose defaults print as runtime objects."""
     import importlib
 
     found: dict[tuple[str, str], _StdlibFunction] = {}
@@ -354,10 +361,15 @@ def stdlib_functions() -> list[_StdlibFunction]:
             obj = getattr(module, name)
             if not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
                 continue
+            home = (getattr(obj, "__module__", None) or module_name).split(".")[0]
+            if home not in sys.stdlib_module_names:  # patched in by an imported package
+                continue
             doc = inspect.getdoc(obj) or ""
             try:
                 signature = str(inspect.signature(obj))
             except (TypeError, ValueError):
+                continue
+            if "<" in signature:  # a default's repr (<object at 0x7f...>): differs run to run
                 continue
             para = _first_paragraph(doc) if doc else ""
             if len(para) < 25 or len(para) > 700 or para.startswith(name + "("):
@@ -794,18 +806,6 @@ def _stop_ids(model, tokenizer, target_dir: Path) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple:
-    import torch
-
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        mask[row, width - len(ids):] = 1
-    return input_ids.to(device), mask.to(device)
-
-
 def generate_responses(
     model,
     tokenizer,
@@ -825,11 +825,13 @@ def generate_responses(
 ) -> DistillData:
     """Greedy target answers for `prompts` until `tokens` response tokens exist (or time is up).
 
-    The file at `out_path` is rewritten after every batch; with `resume` a compatible file
-    continues from the first prompt it has not used. Prompts longer than `max_prompt_tokens`
-    after the chat template are skipped. `on_progress(done, total)` counts response tokens.
+    Prompts go in waves of `WAVE_SLOTS * batch_size`, sorted by length within a wave and
+    decoded by `greedy_answers` in `batch_size` slots. The file at `out_path` is rewritten
+    after every wave; with `resume` a compatible file continues from the first prompt it has
+    not used. Prompts longer than `max_prompt_tokens` after the chat template are skipped.
+    `on_progress(done, total)` counts response tokens.
     """
-    import torch
+    from dspark_export.greedy_batch import greedy_answers
 
     for name, value in (("tokens", tokens), ("max_response_tokens", max_response_tokens),
                         ("max_prompt_tokens", max_prompt_tokens), ("batch_size", batch_size)):
@@ -838,9 +840,6 @@ def generate_responses(
     target_dir = Path(target_dir)
     out_path = Path(out_path)
     stop_ids = _stop_ids(model, tokenizer, target_dir)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = stop_ids[0] if stop_ids else 0
     meta = {
         "format": DATA_FORMAT,
         "target_signature": target_signature(target_dir),
@@ -885,39 +884,33 @@ def generate_responses(
     if on_progress:
         on_progress(min(done, tokens), tokens)
     model.eval()
-    last_batch_s = 0.0
+    last_wave_s = 0.0
+    wave_size = WAVE_SLOTS * batch_size
     while done < tokens and nxt < len(prompts):
         elapsed = time.perf_counter() - start
-        # Stop before a batch that would end past the budget (batches take about as long).
-        if time_budget_s is not None and elapsed + last_batch_s > time_budget_s:
+        # Stop before a wave that would end past the budget (waves take about as long).
+        if time_budget_s is not None and elapsed + last_wave_s > time_budget_s:
             log(f"data: time budget of {time_budget_s:.0f} s reached at {done} response tokens")
             break
-        batch_start = time.perf_counter()
-        batch_idx, batch_ids = [], []
-        while len(batch_idx) < batch_size and nxt < len(prompts):
+        wave_start = time.perf_counter()
+        wave: list[tuple[int, list[int]]] = []
+        while len(wave) < wave_size and nxt < len(prompts):
             ids = encode_prompts(tokenizer, [prompts[nxt]])[0]
             if len(ids) <= max_prompt_tokens:
-                batch_idx.append(nxt)
-                batch_ids.append(ids)
+                wave.append((nxt, ids))
             else:
                 skipped += 1
             nxt += 1
-        if not batch_idx:
+        if not wave:
             break
-        input_ids, mask = _left_pad(batch_ids, pad_id, device)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_response_tokens,
-                do_sample=False, temperature=None, top_p=None, top_k=None,
-                eos_token_id=stop_ids or None, pad_token_id=pad_id,
-            )
-        new = out[:, input_ids.shape[1]:].cpu().numpy()
-        for row, (pi, ids) in enumerate(zip(batch_idx, batch_ids)):
-            response = new[row].tolist()
-            cut = next((k + 1 for k, t in enumerate(response) if t in stop_ids), len(response))
-            response = response[:cut]
-            if not response:
-                continue
+        # Similar lengths decode side by side: attention reads every slot up to the longest.
+        wave.sort(key=lambda item: len(item[1]))
+        by_index = dict(wave)
+        answers = greedy_answers(model, wave, max_new_tokens=max_response_tokens,
+                                 max_prompt_tokens=max_prompt_tokens, stop_ids=stop_ids,
+                                 slots=batch_size)
+        for pi, response in sorted(answers):
+            ids = by_index[pi]
             seq = np.asarray(ids + response, dtype=np.int32)
             chunks.append(seq)
             offsets.append(offsets[-1] + len(seq))
@@ -936,7 +929,7 @@ def generate_responses(
                             "batch_size": batch_size},
         )
         save_data(data, out_path)
-        last_batch_s = time.perf_counter() - batch_start
+        last_wave_s = time.perf_counter() - wave_start
         if on_progress:
             on_progress(min(done, tokens), tokens)
     if data.num_sequences == 0:
