@@ -15,6 +15,8 @@ from dspark_export.cli_run import run as run_command
 DIR = click.Path(file_okay=False, path_type=Path)
 TARGET_HELP = "Hugging Face target model folder (default: the reference SmolLM2-135M-Instruct)."
 DRAFT_HELP = "DeepSpec-format DSpark/DFlash drafter folder (default: the reference drafter)."
+DRAFT_VOCAB_HELP = ("Draft over only the N tokens the target emits most (the drafter's "
+                    "token_counts.json); 0: the full vocabulary. Verification stays lossless.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,7 +87,9 @@ def generate(target_dir, draft_dir, prompt, max_new_tokens, temperature, seed, t
 @click.option("--out", "out_dir", type=DIR, required=True, help="Folder to write the graphs into.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--opset", type=click.IntRange(min=18), default=18, show_default=True)
-def export(target_dir, draft_dir, out_dir, precision, opset) -> None:
+@click.option("--draft-vocab", type=click.IntRange(min=0), default=0, show_default=True,
+              help=DRAFT_VOCAB_HELP)
+def export(target_dir, draft_dir, out_dir, precision, opset, draft_vocab) -> None:
     """Trace the pair into target/draft/markov/verify ONNX graphs plus export.json."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -95,7 +99,7 @@ def export(target_dir, draft_dir, out_dir, precision, opset) -> None:
         task = progress.add_task("export", total=None)
         try:
             out = export_graphs(target_dir, draft_dir, out_dir, precision=precision, opset=opset,
-                                on_step=lambda name: progress.update(task, description=f"export: {name}"))
+                                draft_vocab=draft_vocab, on_step=lambda name: progress.update(task, description=f"export: {name}"))
         except (ValueError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {out}")
@@ -107,7 +111,9 @@ def export(target_dir, draft_dir, out_dir, precision, opset) -> None:
 @click.option("--target", "target_dir", type=DIR, default=None, help=TARGET_HELP)
 @click.option("--draft", "draft_dir", type=DIR, default=None, help=DRAFT_HELP)
 @click.option("--out", "out_dir", type=DIR, default=Path("dspark-bundle"), show_default=True)
-def build(profile_name, target_dir, draft_dir, out_dir) -> None:
+@click.option("--draft-vocab", type=click.IntRange(min=0), default=None,
+              help=DRAFT_VOCAB_HELP + " Default: the profile's draft_vocab.")
+def build(profile_name, target_dir, draft_dir, out_dir, draft_vocab) -> None:
     """Export, compile for a hardware profile, measure SPS(B) and write a bundle."""
     from dspark_export.build.pipeline import build_bundle
     from dspark_export.build.profiles import ProfileError, load_profile
@@ -115,7 +121,7 @@ def build(profile_name, target_dir, draft_dir, out_dir) -> None:
 
     try:
         profile = load_profile(profile_name)
-        out = build_bundle(profile, target_dir, draft_dir, out_dir)
+        out = build_bundle(profile, target_dir, draft_dir, out_dir, draft_vocab=draft_vocab)
     except (ProfileError, TensorRTUnavailable, TensorRTBuildError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"bundle: {out}  (next: dspark-export run {out} --prompt \"...\")")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dspark_export.models.draft import DSparkDrafter, load_drafter
+from dspark_export.models.draft_vocab import read_token_counts, select_draft_vocab
 from dspark_export.models.target import TargetAdapter, load_target
 
 
@@ -38,8 +39,10 @@ def resolve_dirs(target_dir: Path | None, draft_dir: Path | None) -> tuple[Path,
 
 
 def load_pair(target_dir: Path | None = None, draft_dir: Path | None = None,
-              dtype: torch.dtype = torch.float32) -> Pair:
-    """Load both models; the drafter is checked against the target and shares its embeddings."""
+              dtype: torch.dtype = torch.float32, draft_vocab: int = 0) -> Pair:
+    """Load both models; the drafter is checked against the target and shares its embeddings.
+    `draft_vocab` > 0 restricts drafting to that many of the target's most frequent tokens
+    (models/draft_vocab.py; the stop tokens are always among them)."""
     target_dir, draft_dir = resolve_dirs(target_dir, draft_dir)
     model, tokenizer = load_target(target_dir, dtype=dtype)
     drafter = load_drafter(
@@ -50,7 +53,11 @@ def load_pair(target_dir: Path | None = None, draft_dir: Path | None = None,
         dtype=dtype,
     )
     adapter = TargetAdapter(model, drafter.config.target_layer_ids)
-    return Pair(adapter, drafter, tokenizer, target_dir, draft_dir)
+    pair = Pair(adapter, drafter, tokenizer, target_dir, draft_dir)
+    if draft_vocab:
+        counts = read_token_counts(draft_dir, drafter.config.vocab_size)
+        drafter.restrict_vocab(select_draft_vocab(counts, draft_vocab, pair.stop_ids()))
+    return pair
 
 
 def encode_prompt(tokenizer, text: str, raw: bool = False) -> list[int]:

@@ -421,7 +421,7 @@ def tiny_export_step(monkeypatch):
     export_pkg = types.ModuleType("dspark_export.export")
 
     def fake_export(target_dir, draft_dir, out_dir, *, precision="fp32", opset=18,
-                    on_step=lambda name: None):
+                    on_step=lambda name: None, draft_vocab=0):
         for step in ("load", "target", "draft", "markov", "verify", "tokenizer"):
             on_step(step)
         return make_tiny_export(out_dir, precision)

@@ -35,7 +35,7 @@ def built(tmp_path_factory) -> Path:
     export = export_tiny_pair(tmp_path_factory.getbasetemp())
 
     def cached_export(target_dir, draft_dir, out_dir, *, precision="fp32", opset=18,
-                      on_step=lambda name: None):
+                      on_step=lambda name: None, draft_vocab=0):
         assert precision == "fp32"
         for step in ("load", "target", "draft", "markov", "verify", "tokenizer"):
             on_step(step)

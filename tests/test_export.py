@@ -69,12 +69,17 @@ def llama(tiny_targets):
     return model
 
 
-@pytest.mark.parametrize("head", list(HEADS))
-def test_draft_and_markov_graph_parity(llama, tmp_path, head):
+@pytest.mark.parametrize("head,draft_vocab", [(h, False) for h in HEADS]
+                         + [("vanilla", True), ("rnn", True), ("none", True)])
+def test_draft_and_markov_graph_parity(llama, tmp_path, head, draft_vocab):
     kind, rank = HEADS[head]
     drafter = make_random_drafter(llama.config, num_layers=2, block_size=4, target_layer_ids=[0, 2],
                                   markov_rank=rank, markov_head_type=kind, seed=1)
     c = drafter.config
+    vocab = None
+    if draft_vocab:  # a draft vocabulary: graphs score 100 of the 256 tokens
+        vocab = torch.from_numpy(np.random.default_rng(2).choice(c.vocab_size, 100, replace=False))
+        drafter.restrict_vocab(vocab)
     dspec, mspec = draft_spec(drafter, torch.float32), markov_spec(drafter, torch.float32)
     export_graph(dspec, tmp_path / "draft.onnx", 18)
     export_graph(mspec, tmp_path / "markov.onnx", 18)
@@ -107,6 +112,13 @@ def test_draft_and_markov_graph_parity(llama, tmp_path, head):
         np.testing.assert_array_equal(mgot[0], mwant[0].numpy())
         np.testing.assert_allclose(mgot[1], mwant[1].numpy(), atol=1e-5)
         np.testing.assert_allclose(mgot[2], mwant[2].numpy(), atol=1e-4, rtol=1e-4)
+        assert mgot[1].shape[-1] == c.vocab_size  # SpecVerify always sees all V tokens
+        if vocab is not None:
+            assert want[1].shape[-1] == len(vocab)
+            outside = np.setdiff1d(np.arange(c.vocab_size), vocab.numpy())
+            assert np.isin(mgot[0], vocab.numpy()).all()
+            assert np.abs(mgot[1][..., outside]).max() == 0.0
+            np.testing.assert_allclose(mgot[1].sum(-1), 1.0, atol=1e-5)
 
 
 def test_export_folder_is_complete_and_atomic(tiny_targets, tmp_path):

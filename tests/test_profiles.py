@@ -105,6 +105,7 @@ def _delete(*keys):
     ("h100", _set("tensorrt", "verify_tokens_opt", value=64 * 17 + 1), "tensorrt.verify_tokens_opt",
      "must be in 1..1088"),
     ("h100", _set("gamma", "max", value=0), "gamma.max", "must be in 1..32"),
+    ("cpu", _set("draft_vocab", value=-1), "draft_vocab", "must be in 0..16777216"),
     ("cpu", _set("onnxruntime", "graph_optimization_level", value="all"),
      "onnxruntime.graph_optimization_level", "hardware-specific"),
     ("cpu", _set("onnxruntime", "execution_providers", value=["CUDA"]),
@@ -159,8 +160,8 @@ def test_cuda_ort_builds_without_the_cuda_provider(tmp_path, monkeypatch):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("the CUDA provider is offered here")
     fake = types.ModuleType("dspark_export.export")
-    fake.export_graphs = lambda t, d, out, *, precision="fp32", opset=18, on_step=None: \
-        make_tiny_export(out)
+    fake.export_graphs = lambda t, d, out, *, precision="fp32", opset=18, draft_vocab=0, \
+        on_step=None: make_tiny_export(out)
     monkeypatch.setitem(sys.modules, "dspark_export.export", fake)
     with pytest.warns(UserWarning, match="CUDAExecutionProvider is not offered"):
         # The tiny hand-made graphs are fp32 whatever the precision: build them as fp32.

@@ -414,3 +414,36 @@ def test_reference_pair_greedy_matches_pytorch_target_only(reference_export):
         for target_only in (True, False):
             got = pipe.generate([prompt], max_new_tokens=32, target_only=target_only)
             _near_tie_or_equal(pair, ids, got.requests[0].token_ids, want)
+
+
+def test_draft_vocabulary_bundle_matches_the_restricted_reference(tiny_export, tmp_path):
+    """A bundle drafting over 64 of 256 tokens: sampled output equals the PyTorch reference
+    with the same restricted drafter token for token, and greedy stays the target's."""
+    from dspark_export.decode import generate_speculative
+    from dspark_export.export import export_graphs
+    from dspark_export.models.draft_vocab import write_token_counts
+    from dspark_export.pair import load_pair
+    from dspark_runtime.pipeline import Pipeline
+
+    root = tiny_export.parent
+    draft = tmp_path / "draft"
+    shutil.copytree(root / "runtime_tiny_draft", draft)
+    tokens = np.random.default_rng(0).integers(3, 256, 5000) // 4  # ids 0..63 are frequent
+    write_token_counts(draft, tokens, vocab_size=256, source="test")
+    out = export_graphs(root / "runtime_tiny_target", draft, tmp_path / "export", draft_vocab=64)
+    record = json.loads((out / "export.json").read_text())["draft_vocab"]
+    assert record["size"] == 64 and record["coverage"] == pytest.approx(1.0)
+    pipe = Pipeline.from_bundle(out)
+    pair = load_pair(root / "runtime_tiny_target", draft, draft_vocab=64)
+    assert pair.drafter.draft_vocab.tolist() == list(range(64))  # stop id 2 is among them
+    ids = pipe.encode([PROMPTS[0]])[0]
+    want = generate_speculative(pair.target, pair.drafter, ids, max_new_tokens=MAX_NEW,
+                                temperature=1.0, seed=11, stop_ids=pair.stop_ids())
+    got = pipe.generate([PROMPTS[0]], max_new_tokens=MAX_NEW, temperature=1.0, seed=11)
+    assert got.requests[0].token_ids == want.tokens
+    assert got.requests[0].accepted == want.stats.accepted
+    greedy = pipe.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    alone = Pipeline.from_bundle(tiny_export).generate(PROMPTS, max_new_tokens=MAX_NEW,
+                                                       target_only=True)
+    for a, b in zip(greedy.requests, alone.requests):
+        assert a.token_ids == b.token_ids

@@ -29,12 +29,16 @@ SPS_REPEATS = 5
 
 
 def build_bundle(profile: Profile, target_dir: str | Path | None, draft_dir: str | Path | None,
-                 out_dir: str | Path, *, progress: bool = True) -> Path:
-    """Build a bundle for `profile` at `out_dir` (None dirs: the embedded reference pair)."""
+                 out_dir: str | Path, *, progress: bool = True,
+                 draft_vocab: int | None = None) -> Path:
+    """Build a bundle for `profile` at `out_dir` (None dirs: the embedded reference pair).
+    `draft_vocab` overrides the profile's (0: the full vocabulary)."""
     if profile.backend == "tensorrt":
         from dspark_export.build.tensorrt_build import require_tensorrt
 
         require_tensorrt(profile)  # before anything is written
+    if draft_vocab is None:
+        draft_vocab = _profile_draft_vocab(profile, draft_dir)
     from dspark_export.export import export_graphs  # torch: only once the build can go ahead
     out_dir = Path(out_dir)
     with _Steps(progress) as steps, BundleWriter(out_dir) as writer, \
@@ -44,7 +48,8 @@ def build_bundle(profile: Profile, target_dir: str | Path | None, draft_dir: str
         with steps.step(f"export ({profile.precision})", len(GRAPH_NAMES) + 2) as advance:
             export_graphs(None if target_dir is None else Path(target_dir),
                           None if draft_dir is None else Path(draft_dir), export_dir,
-                          precision=profile.precision, on_step=lambda _: advance())
+                          precision=profile.precision, draft_vocab=draft_vocab,
+                          on_step=lambda _: advance())
         info = json.loads((export_dir / "export.json").read_text(encoding="utf-8"))
         profile.check_gamma(int(info["gamma"]))
         writer.add_file(export_dir / "export.json")
@@ -70,6 +75,22 @@ def build_bundle(profile: Profile, target_dir: str | Path | None, draft_dir: str
             writer.write_manifest(profile=profile, export_info=info, **backend)
             advance()
     return out_dir
+
+
+def _profile_draft_vocab(profile: Profile, draft_dir: str | Path | None) -> int:
+    """The profile's draft vocabulary size, or 0 (with a warning) for a drafter that has no
+    token counts to choose it from: a profile default must not refuse other drafters."""
+    if not profile.draft_vocab:
+        return 0
+    from dspark_export.models.draft_vocab import TOKEN_COUNTS_NAME
+    from dspark_export.reference import reference_draft_dir
+
+    counts = Path(draft_dir or reference_draft_dir()) / TOKEN_COUNTS_NAME
+    if counts.is_file():
+        return profile.draft_vocab
+    warnings.warn(f"profile {profile.name}: draft_vocab {profile.draft_vocab} needs {counts} "
+                  "(written by `dspark-export distill`); drafting over the full vocabulary")
+    return 0
 
 
 def _build_backend(profile: Profile, export_dir: Path, root: Path, on_graph: Any) -> dict:

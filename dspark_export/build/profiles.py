@@ -78,6 +78,7 @@ class Profile:
     gamma_min: int
     gamma_max: int
     source: str
+    draft_vocab: int = 0  # tokens the drafter scores (models/draft_vocab.py); 0: all of them
     onnxruntime: OnnxRuntimeSettings | None = None
     tensorrt: TensorRTSettings | None = None
 
@@ -146,7 +147,8 @@ def parse_profile(data: Any, source: str, default_name: str) -> Profile:
         name=f.string("name", default=default_name),
         description=f.string("description", default=""), backend=backend,
         precision=precision, max_batch=max_batch, max_context=max_context, gamma_min=g_min,
-        gamma_max=g_max, source=source)
+        gamma_max=g_max, source=source,
+        draft_vocab=f.integer("draft_vocab", 0, 1 << 24, default=0))
     other = "tensorrt" if backend == "onnxruntime" else "onnxruntime"
     if other in f.data:
         raise ProfileError(f"{source}: field '{other}' does not apply to a {backend} profile")

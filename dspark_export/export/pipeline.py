@@ -13,6 +13,7 @@ import torch
 from dspark_export import __version__
 from dspark_export.export.torch_onnx import IR_VERSION, describe_io, export_graph
 from dspark_export.export.wrappers import draft_spec, markov_spec, target_spec
+from dspark_export.models.draft_vocab import TOKEN_COUNTS_NAME, coverage, read_token_counts
 from dspark_export.pair import Pair, load_pair
 
 EXPORT_FORMAT_VERSION = 1
@@ -67,7 +68,18 @@ def describe_pair(pair: Pair, precision: str, opset: int) -> dict:
                   "hidden_size": c.hidden_size, "feature_size": c.feature_size},
         "target_config": pair.target.model.config.to_dict(),
         "draft_config": c.raw,
+        "draft_vocab": _draft_vocab_record(pair),
     }
+
+
+def _draft_vocab_record(pair: Pair) -> dict | None:
+    """Size and coverage of the drafter's vocabulary when it is restricted, else None."""
+    vocab = pair.drafter.draft_vocab
+    if vocab is None:
+        return None
+    counts = read_token_counts(pair.draft_dir, pair.drafter.config.vocab_size)
+    return {"size": int(vocab.numel()), "coverage": round(coverage(counts, vocab.numpy()), 6),
+            "source": TOKEN_COUNTS_NAME}
 
 
 def export_graphs(
@@ -77,10 +89,12 @@ def export_graphs(
     *,
     precision: str = "fp32",
     opset: int = 18,
+    draft_vocab: int = 0,
     on_step: Callable[[str], None] = lambda name: None,
 ) -> Path:
     """Write target/draft/markov/verify ONNX graphs, `export.json` and `tokenizer/` to `out_dir`.
 
+    `draft_vocab` > 0 exports a drafter that scores only that many tokens (load_pair).
     Everything is written into a temporary sibling folder that is renamed at the end, so an
     interrupted export leaves nothing behind. An existing export folder is replaced; any
     other existing, non-empty folder is refused.
@@ -94,7 +108,7 @@ def export_graphs(
         raise ExportError(f"{out_dir}: exists and is not an export folder; choose another --out")
     on_step("load")
     dtype = PRECISIONS[precision]
-    pair = load_pair(target_dir, draft_dir, dtype=dtype)
+    pair = load_pair(target_dir, draft_dir, dtype=dtype, draft_vocab=draft_vocab)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:

@@ -119,7 +119,8 @@ def draft_spec(drafter: nn.Module, dtype: torch.dtype) -> GraphSpec:
 
 def markov_spec(drafter: nn.Module, dtype: torch.dtype) -> GraphSpec:
     c = drafter.config
-    gamma, vocab, hidden = c.block_size, c.vocab_size, c.hidden_size
+    gamma, hidden = c.block_size, c.hidden_size
+    vocab = c.vocab_size if drafter.draft_vocab is None else drafter.draft_vocab.numel()
     batch = 2
     inputs = (
         torch.randn(batch, gamma, vocab),
