@@ -10,26 +10,30 @@ weights w_k = exp(-k / 4.0) (loss_decay_gamma = 4) times the evaluation mask. L1
 1 - TV (detached, clamped to [0, 1]). The DFlash ablation in DeepSpec (`dflash_qwen3_4b.py`) is
 markov_rank 0, no confidence head and CE alone (ce 1.0, l1 0.0).
 
-Each step follows DeepSpec's sampler and masks, computed through the inference path of
-`DSparkDrafter`, so what is trained is exactly what decodes:
+Each step follows DeepSpec's sampler and masks, computed through the modules of
+`DSparkDrafter` that decode, so what is trained is exactly what decodes:
 
 - a teacher-forced target pass over prompt + response gives the context features (concatenated
   hidden_states[i + 1] for the tapped layers) and the target's logits at every position;
 - anchors are drawn uniformly without replacement among positions a with loss_mask[a] and
   loss_mask[a + 1] (response tokens), up to `anchors` per sequence;
 - the context K/V of a sequence is computed once (`context_kv`) and shared by its anchor rows;
-  `backbone` runs with past_lengths = the anchor position (the block sees context < anchor, as
-  DeepSpec's training mask and the decoder's cache do), block = [anchor, MASK x (G-1)] at
-  positions anchor..anchor+G-1;
+  each block sees the context < its anchor (as DeepSpec's training mask and the decoder's
+  cache do) and itself, block = [anchor, MASK x (G-1)] at positions anchor..anchor+G-1; all
+  blocks of a sequence run in one packed pass (`packed_block_hidden`, tested equal to
+  `backbone` per block);
 - labels are the tokens at anchor+1..anchor+G; the evaluation mask is the contiguous prefix of
   in-range response labels; the Markov head and the confidence head see the TRUE previous
   tokens [anchor, labels[:-1]] (teacher forcing).
 
 Embeddings and lm_head are the target's, frozen, and are not saved. AdamW (DeepSpec: lr 6e-4,
 no weight decay), linear warmup over 4 % then cosine to zero, gradient clipping at 1.0, bf16
-autocast on CUDA (fp32 on CPU). Checkpoints (trainable weights, optimizer, step, RNG) go to
+autocast on CUDA and on CPUs with AMX (fp32 on other CPUs). The vocabulary-wide part of the
+loss runs fused and chunked (distill_loss.py), and all blocks of a sequence share one packed
+backbone pass. Checkpoints (trainable weights, optimizer, step, RNG) go to
 `out_dir/.checkpoints` and a rerun resumes from the newest; the final drafter is saved in
-DeepSpec format in fp16 with a `training.json`.
+DeepSpec format in fp16 with a `training.json`, plus `token_counts.json` (how often the
+target emitted each token, for a draft vocabulary: models/draft_vocab.py).
 """
 from __future__ import annotations
 
@@ -44,13 +48,12 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dspark_export.distill_data import (
     DistillData,
@@ -71,18 +74,30 @@ from dspark_export.models.draft import (
     make_random_drafter,
     save_drafter,
 )
+from dspark_export.distill_loss import (
+    CE_WEIGHT,
+    CONFIDENCE_WEIGHT,
+    LOSS_DECAY_GAMMA,
+    TV_WEIGHT,
+    LossStats,
+    block_loss,
+    head_terms,
+    position_weights,
+    target_distributions,
+)
+from dspark_export.distill_teacher import FEATURE_CACHE_BYTES, FeatureCache, Teacher, target_features
+from dspark_export.models.draft_vocab import coverage, select_draft_vocab, write_token_counts
 from dspark_export.models.markov import MARKOV_HEAD_TYPES, RNNMarkovHead
 
-# DeepSpec's DSpark objective and optimiser (config/dspark/dspark_qwen3_4b.py).
-CE_WEIGHT = 0.1
-TV_WEIGHT = 0.9  # multiplies DeepSpec's "l1" = sum |p - q| = 2 TV
-CONFIDENCE_WEIGHT = 1.0
-LOSS_DECAY_GAMMA = 4.0
+# DeepSpec's optimiser (config/dspark/dspark_qwen3_4b.py); the objective is in distill_loss.py.
 LEARNING_RATE = 6e-4
 WARMUP_RATIO = 0.04
 WEIGHT_DECAY = 0.0
 MAX_GRAD_NORM = 1.0
 TRAINING_FORMAT = "dspark-distill/1"
+# From this vocabulary size on, the loss's per-chunk elementwise work is torch.compile'd: the
+# one-off compile (about a minute) is repaid within a few steps; tiny test models stay eager.
+COMPILE_MIN_VOCAB = 8192
 CHECKPOINT_DIR = ".checkpoints"
 TRAINING_JSON = "training.json"
 # The reference target's shape; a target that matches gets REFERENCE_LAYER_IDS.
@@ -126,6 +141,7 @@ class DistillSettings:
     seed: int = 0
     heldout_fraction: float = 0.03
     checkpoint_every: int = 200
+    draft_vocab: int = 0  # > 0: train for a draft vocabulary of that many tokens
 
     def validate(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -170,6 +186,9 @@ class DistillSettings:
             )
         if not 0 <= self.heldout_fraction < 1:
             raise DistillError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int) \
+                or self.draft_vocab < 0:
+            raise DistillError(f"draft_vocab must be an integer >= 0, got {self.draft_vocab!r}")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -184,10 +203,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX), several times fp32's speed."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch without the probe: assume not
+        return False
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Compute dtype: bf16 autocast on CUDA, fp32 on CPU by default."""
+    """Compute dtype: bf16 autocast on CUDA and on AMX CPUs, fp32 on other CPUs by default."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        fast = device.type == "cuda" or cpu_has_fast_bf16()
+        return torch.bfloat16 if fast else torch.float32
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
              "float32": torch.float32, torch.bfloat16: torch.bfloat16,
              torch.float32: torch.float32}
@@ -237,21 +265,6 @@ def load_training_target(target_dir: Path, device: torch.device, dtype: torch.dt
 
 
 @torch.no_grad()
-def target_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    layer_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [S, L, m*d], final normed hidden [S, L, d]) of a teacher-forced pass.
-
-    features = concat(hidden_states[i + 1]) (hidden_states[0], the embeddings, for -1), the
-    raw decoder-layer outputs DeepSpec's `extract_context_feature` takes.
-    """
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask,
-                      output_hidden_states=True, use_cache=False)
-    hidden_states = out.hidden_states
-    features = torch.cat([hidden_states[0 if i == -1 else i + 1] for i in layer_ids], dim=-1)
-    return features, out.last_hidden_state
-
-
-@torch.no_grad()
 def check_feature_taps(model, layer_ids: list[int], ids: list[int], tol: float = 2e-3) -> float:
     """Compare `target_features` with the inference adapter's taps and logits (fp32, CPU).
 
@@ -297,6 +310,13 @@ class Batch:
     input_ids: torch.Tensor  # [S, L] right-padded
     attention_mask: torch.Tensor  # [S, L]
     loss_mask: torch.Tensor  # [S, L] bool: response tokens
+    indices: np.ndarray  # [S] the sequences' indices in the data
+
+    def rows(self, group: np.ndarray) -> Batch:
+        """The sub-batch of rows `group`."""
+        g = torch.from_numpy(group).to(self.input_ids.device)
+        return Batch(self.input_ids[g], self.attention_mask[g], self.loss_mask[g],
+                     self.indices[group])
 
 
 def make_batch(data: DistillData, indices, pad_id: int, device: torch.device) -> Batch:
@@ -310,7 +330,7 @@ def make_batch(data: DistillData, indices, pad_id: int, device: torch.device) ->
         attn[row, : len(seq)] = 1
         loss[row, int(data.prompt_lengths[int(i)]): len(seq)] = True
     return Batch(torch.from_numpy(ids).to(device), torch.from_numpy(attn).to(device),
-                 torch.from_numpy(loss).to(device))
+                 torch.from_numpy(loss).to(device), np.asarray(indices, dtype=np.int64))
 
 
 def sample_anchors(loss_mask: torch.Tensor, num_anchors: int,
@@ -343,14 +363,6 @@ def sample_anchors(loss_mask: torch.Tensor, num_anchors: int,
     return anchors, keep
 
 
-def position_weights(block_size: int, decay_gamma: float, device=None) -> torch.Tensor:
-    """exp(-k / gamma) for k = 0..G-1 (DeepSpec's loss_decay_gamma; 0 disables decay)."""
-    k = torch.arange(block_size, device=device, dtype=torch.float32)
-    if decay_gamma and decay_gamma > 0:
-        return torch.exp(-k / float(decay_gamma))
-    return torch.ones_like(k)
-
-
 @dataclass
 class Rows:
     """The anchor rows of a batch: which sequence, where, and the block's supervision."""
@@ -381,171 +393,85 @@ def build_rows(batch: Batch, anchors: torch.Tensor, keep: torch.Tensor, block_si
     return Rows(seq_idx, anchor, labels, prev, eval_mask, (safe - 1).clamp(min=0))
 
 
-def drafter_block_logits(
-    drafter: DSparkDrafter, features: torch.Tensor, input_ids: torch.Tensor, rows: Rows,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Teacher-forced (draft logits [R, G, V] fp32, confidence logits [R, G] or None).
+@dataclass
+class BlockOutputs:
+    """The drafter's teacher-forced outputs for every anchor row, before the vocabulary."""
 
-    Context K/V are computed once per sequence and gathered for its rows; the backbone then
-    runs exactly as in decoding with the anchor's position as the cache length.
+    hidden: torch.Tensor  # [R, G, d] final-norm block hidden states
+    w2_input: torch.Tensor | None  # [R, G, r]: Markov bias = markov_w2(w2_input)
+    confidence: torch.Tensor | None  # [R, G] confidence logits
+
+
+def drafter_block_outputs(
+    drafter: DSparkDrafter, features: torch.Tensor, input_ids: torch.Tensor,
+    anchors: torch.Tensor, keep: torch.Tensor, rows: Rows,
+) -> BlockOutputs:
+    """Teacher-forced block outputs for the kept anchors of a batch (`sample_anchors`).
+
+    All blocks of a sequence run in one packed backbone pass (`packed_block_hidden`), each
+    seeing the context before its anchor, as decoding does; the Markov head and the confidence
+    head see the TRUE previous tokens. Rows come in `keep.nonzero()` order, as in `build_rows`.
     """
-    config = drafter.config
-    batch, length = input_ids.shape
-    gamma = config.block_size
-    positions = torch.arange(length, device=input_ids.device)[None].expand(batch, -1)
-    keys, values = drafter.context_kv(features, positions)
-    keys = [k.index_select(0, rows.seq) for k in keys]
-    values = [v.index_select(0, rows.seq) for v in values]
-    num_rows = rows.seq.shape[0]
-    block_ids = torch.full((num_rows, gamma), config.mask_token_id, dtype=torch.long,
-                           device=input_ids.device)
-    block_ids[:, 0] = rows.prev[:, 0]
-    block_positions = rows.anchor[:, None] + torch.arange(gamma, device=input_ids.device)
-    empty = features.new_zeros(num_rows, 0, features.shape[-1])
-    no_positions = torch.zeros(num_rows, 0, dtype=torch.long, device=input_ids.device)
-    no_lengths = torch.zeros(num_rows, dtype=torch.long, device=input_ids.device)
-    hidden, logits, _, _ = drafter.backbone(
-        block_ids, block_positions, empty, no_positions, no_lengths, rows.anchor, keys, values,
-    )
-    prev_emb = None
-    head = drafter.markov_head
+    device = input_ids.device
+    anchors, keep = anchors.to(device), keep.to(device)
+    anchor_ids = input_ids.gather(1, anchors)
+    hidden = drafter.packed_block_hidden(features, anchors, anchor_ids)[keep]
+    head, w2_input, prev_emb = drafter.markov_head, None, None
     if head is not None:
         prev_emb = head.prev_embeddings(rows.prev)
         if isinstance(head, RNNMarkovHead):  # stateful: step left to right
-            state = hidden.new_zeros(num_rows, config.markov_rank)
-            biases = []
-            for k in range(gamma):
-                bias, state = head.step(prev_emb[:, k], hidden[:, k], state)
-                biases.append(bias)
-            bias = torch.stack(biases, dim=1)
+            state = hidden.new_zeros(hidden.shape[0], drafter.config.markov_rank)
+            steps = []
+            for k in range(hidden.shape[1]):
+                step_input, state = head.transition_input(prev_emb[:, k], hidden[:, k], state)
+                steps.append(step_input)
+            w2_input = torch.stack(steps, dim=1)
         else:  # memoryless heads take the whole block at once
-            bias, _ = head.step(prev_emb, hidden, None)
-        logits = logits + bias.float()
+            w2_input, _ = head.transition_input(prev_emb, hidden, None)
     confidence = None
     if drafter.confidence_head is not None:
         confidence = drafter._confidence_logit(hidden, prev_emb)
-    return logits, confidence
+    return BlockOutputs(hidden, w2_input, confidence)
 
 
-@dataclass
-class LossStats:
-    """Sums over rows (so micro-batches and evaluation chunks add up)."""
+def block_terms(drafter: DSparkDrafter, out: BlockOutputs, target_last: torch.Tensor,
+                rows: Rows, vocab: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE, L1, greedy match) [R, G] against the target, computed on supervised positions only
+    (zeros elsewhere) with the fused head of distill_loss.py; each target position's
+    distribution is computed once for all the rows that predict it.
 
-    ce: float = 0.0
-    l1: float = 0.0
-    confidence: float = 0.0
-    weight: float = 0.0
-    tv_sum: float = 0.0
-    tokens: float = 0.0
-    tau_prob: float = 0.0
-    tau_greedy: float = 0.0
-    blocks: float = 0.0
-    accept_prob: list[float] = field(default_factory=list)
-    accept_greedy: list[float] = field(default_factory=list)
-    position_count: list[float] = field(default_factory=list)
-
-    def add(self, other: "LossStats") -> None:
-        for name in ("ce", "l1", "confidence", "weight", "tv_sum", "tokens", "tau_prob",
-                     "tau_greedy", "blocks"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("accept_prob", "accept_greedy", "position_count"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if not mine:
-                setattr(self, name, list(theirs))
-            else:
-                setattr(self, name, [a + b for a, b in zip(mine, theirs)])
-
-    def summary(self, weights: tuple[float, float, float] | None = None) -> dict:
-        w = max(self.weight, 1e-12)
-        out = {
-            "ce": self.ce / w,
-            "l1": self.l1 / w,
-            "confidence_bce": self.confidence / w,
-            "tv": self.tv_sum / max(self.tokens, 1e-12),
-            "tau_prob": self.tau_prob / max(self.blocks, 1e-12),
-            "tau_greedy": self.tau_greedy / max(self.blocks, 1e-12),
-            "accept_rate_per_position": [a / max(c, 1e-12) for a, c in
-                                         zip(self.accept_prob, self.position_count)],
-            "greedy_match_per_position": [a / max(c, 1e-12) for a, c in
-                                          zip(self.accept_greedy, self.position_count)],
-            "blocks": int(self.blocks),
-        }
-        if weights is not None:
-            ce_w, tv_w, conf_w = weights
-            out["loss"] = ce_w * out["ce"] + tv_w * out["l1"] + conf_w * out["confidence_bce"]
-        return out
-
-
-def dspark_loss(
-    draft_logits: torch.Tensor,
-    target_logits: torch.Tensor,
-    labels: torch.Tensor,
-    eval_mask: torch.Tensor,
-    confidence_logits: torch.Tensor | None,
-    *,
-    ce_weight: float = CE_WEIGHT,
-    tv_weight: float = TV_WEIGHT,
-    confidence_weight: float = CONFIDENCE_WEIGHT,
-    loss_decay_gamma: float = LOSS_DECAY_GAMMA,
-    denominator: float | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, LossStats]:
-    """DeepSpec's DSpark loss for [R, G, V] logits; returns (loss, sums for metrics).
-
-    Each term is sum(term * w) / denominator with w = eval_mask * exp(-k / gamma);
-    `denominator` defaults to sum(w) + 1e-6 (pass the whole batch's to split it into parts).
-    """
-    gamma = draft_logits.shape[1]
-    mask = eval_mask.float()
-    w = mask * position_weights(gamma, loss_decay_gamma, draft_logits.device)[None, :]
-    den = w.sum() + 1e-6 if denominator is None else denominator
-    logits = draft_logits.float()
-    log_p = torch.log_softmax(logits, dim=-1)
-    ce = -log_p.gather(-1, labels[..., None]).squeeze(-1)
-    with torch.no_grad():
-        q = torch.softmax(target_logits.float(), dim=-1)
-    if tv_weight > 0:
-        l1 = (log_p.exp() - q).abs().sum(-1)
-    else:
-        with torch.no_grad():
-            l1 = (log_p.exp() - q).abs().sum(-1)
-    accept = (1.0 - 0.5 * l1.detach()).clamp(0.0, 1.0)
-    loss = ce_weight * (ce * w).sum() / den
-    if tv_weight > 0:
-        loss = loss + tv_weight * (l1 * w).sum() / den
-    conf_sum = torch.zeros((), device=logits.device)
-    if confidence_logits is not None:
-        bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept,
-                                                 reduction="none")
-        conf_sum = (bce * w).sum()
-        if confidence_weight > 0:
-            loss = loss + confidence_weight * conf_sum / den
-    with torch.no_grad():
-        match = (logits.argmax(-1) == target_logits.argmax(-1)) & eval_mask
-        block_valid = eval_mask[:, 0]
-        prob_prefix = (accept * mask).cumprod(dim=-1)
-        greedy_prefix = match.float().cumprod(dim=-1)
-        stats = LossStats(
-            ce=float((ce.detach() * w).sum()),
-            l1=float((l1.detach() * w).sum()),
-            confidence=float(conf_sum.detach()),
-            weight=float(w.sum()),
-            tv_sum=float((0.5 * l1.detach() * mask).sum()),
-            tokens=float(mask.sum()),
-            tau_prob=float(((prob_prefix.sum(-1) + 1.0) * block_valid).sum()),
-            tau_greedy=float(((greedy_prefix.sum(-1) + 1.0) * block_valid).sum()),
-            blocks=float(block_valid.sum()),
-            accept_prob=(accept * mask).sum(0).tolist(),
-            accept_greedy=(greedy_prefix * mask).sum(0).tolist(),
-            position_count=mask.sum(0).tolist(),
-        )
-    return loss, stats
-
-
-def target_block_logits(model, last_hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """The target's logits for each label: lm_head(final hidden at label position - 1)."""
-    with torch.no_grad():
-        gathered = last_hidden[rows.seq[:, None], rows.pred_index]
-        return model.get_output_embeddings()(gathered).float()
+    With `vocab` (sorted token ids: a draft vocabulary) the drafter is trained as it drafts,
+    over those tokens only: L1 counts the target's mass outside them (a constant), and labels
+    outside them add no CE (no logit could raise their probability above zero)."""
+    sel = rows.eval_mask
+    length, width = target_last.shape[1], target_last.shape[2]
+    key = (rows.seq[:, None] * length + rows.pred_index)[sel]
+    positions, index = torch.unique(key, return_inverse=True)
+    head = drafter.markov_head
+    lm_weight = drafter.lm_head.weight
+    w2_weight = None if head is None else head.markov_w2.weight
+    labels = rows.labels[sel]
+    scored = torch.ones_like(labels, dtype=torch.bool)
+    if vocab is not None:
+        lm_weight = lm_weight[vocab]
+        w2_weight = None if w2_weight is None else w2_weight[vocab]
+        local = torch.full((drafter.config.vocab_size,), -1, dtype=torch.long,
+                           device=labels.device)
+        local[vocab] = torch.arange(vocab.numel(), device=labels.device)
+        labels = local[labels]
+        scored = labels >= 0
+        labels = labels.clamp(min=0)
+    target = target_distributions(target_last.reshape(-1, width)[positions],
+                                  drafter.lm_head.weight, vocab)
+    ce, l1, match = head_terms(
+        out.hidden[sel], None if out.w2_input is None else out.w2_input[sel],
+        lm_weight, w2_weight, target, index, labels,
+        compiled=lm_weight.shape[0] >= COMPILE_MIN_VOCAB,
+    )
+    zeros = torch.zeros(sel.shape, dtype=ce.dtype, device=ce.device)
+    return (zeros.masked_scatter(sel, ce * scored), zeros.masked_scatter(sel, l1),
+            torch.zeros_like(sel).masked_scatter(sel, match))
 
 
 # --------------------------------------------------------------------------------------------
@@ -819,18 +745,17 @@ def _prepare_prompts(prompts_file: Path | None, tokens: int, seed: int):
     return prompts, corpus
 
 
-def _run_rows(drafter, target, layer_ids, batch: Batch, anchors, keep, settings, den, amp):
+def _run_rows(drafter, teacher: Teacher, batch: Batch, anchors, keep, settings, den, amp):
     """Forward one group of sequences; returns (loss, stats) or None without anchors."""
     rows = build_rows(batch, anchors, keep, settings.block_size)
     if rows.seq.numel() == 0:
         return None
     with amp():
-        features, last = target_features(target, batch.input_ids, batch.attention_mask,
-                                         layer_ids)
-        target_logits = target_block_logits(target, last, rows)
-        draft_logits, confidence = drafter_block_logits(drafter, features, batch.input_ids, rows)
-    return dspark_loss(
-        draft_logits, target_logits, rows.labels, rows.eval_mask, confidence,
+        features, last = teacher.outputs(batch.input_ids, batch.attention_mask, batch.indices)
+        out = drafter_block_outputs(drafter, features, batch.input_ids, anchors, keep, rows)
+        ce, l1, match = block_terms(drafter, out, last, rows, teacher.vocab)
+    return block_loss(
+        ce, l1, match, rows.eval_mask, out.confidence,
         ce_weight=settings.ce_weight, tv_weight=settings.tv_weight,
         confidence_weight=settings.confidence_weight,
         loss_decay_gamma=settings.loss_decay_gamma, denominator=den,
@@ -845,7 +770,7 @@ def _batch_denominator(batch: Batch, anchors, keep, settings) -> float:
 
 
 @torch.no_grad()
-def evaluate(drafter, target, layer_ids, data: DistillData, indices: np.ndarray, settings,
+def evaluate(drafter, teacher: Teacher, data: DistillData, indices: np.ndarray, settings,
              pad_id: int, device: torch.device, amp, batch_size: int, anchors: int) -> dict:
     """Held-out metrics with a fixed anchor draw: mean TV, tau proxies, per-position rates."""
     was_training = drafter.training
@@ -862,8 +787,7 @@ def evaluate(drafter, target, layer_ids, data: DistillData, indices: np.ndarray,
         for start in range(0, len(group), batch_size):
             batch = make_batch(data, group[start: start + batch_size], pad_id, device)
             picked, keep = sample_anchors(batch.loss_mask, anchors, generator)
-            result = _run_rows(drafter, target, layer_ids, batch, picked, keep, settings, None,
-                               amp)
+            result = _run_rows(drafter, teacher, batch, picked, keep, settings, None, amp)
             if result is not None:
                 stats.add(result[1])
                 total.add(result[1])
@@ -921,6 +845,7 @@ def distill(
     progress: bool = True,
     checkpoint_every: int = 200,
     heldout_fraction: float = 0.03,
+    draft_vocab: int = 0,
     gen_time_budget_s: float | None = None,
     train_time_budget_s: float | None = None,
     keep_checkpoints: bool = False,
@@ -933,8 +858,11 @@ def distill(
     `tokens` is the number of target response tokens to train on; `steps` (or `epochs`,
     default 3) sets the length of training and `train_time_budget_s` caps it in wall-clock
     seconds (the schedule then follows elapsed time, and training stops gracefully when the
-    budget is spent). Returns `out_dir`, which holds `config.json`, `model.safetensors` (fp16,
-    no embeddings/lm_head) and `training.json`.
+    budget is spent). `draft_vocab` > 0 trains the drafter for the draft vocabulary of that
+    many of the target's most frequent answer tokens (what `--draft-vocab` / a profile's
+    `draft_vocab` of the same size deploys; block_terms). Returns `out_dir`, which holds
+    `config.json`, `model.safetensors` (fp16, no embeddings/lm_head), `token_counts.json` and
+    `training.json`.
     """
     wall_start = time.perf_counter()
     if steps is not None and epochs is not None:
@@ -949,7 +877,7 @@ def distill(
         batch_size=batch_size, anchors=anchors, ce_weight=ce_weight, tv_weight=tv_weight,
         confidence_weight=confidence_weight if confidence_head else 0.0,
         loss_decay_gamma=loss_decay_gamma, seed=seed, heldout_fraction=heldout_fraction,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, draft_vocab=draft_vocab,
     )
     settings.validate()
     for name, budget in (("gen_time_budget_s", gen_time_budget_s),
@@ -960,8 +888,6 @@ def distill(
         raise DistillError(f"gen_batch_size must be a positive integer, got {gen_batch_size!r}")
     dev = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, dev)
-    if dev.type == "cpu" and compute_dtype != torch.float32:
-        raise DistillError("bf16 training is for CUDA; use fp32 on CPU")
     if target_dir is None:
         from dspark_export.reference import reference_target_dir
 
@@ -1023,6 +949,26 @@ def distill(
             f"data: {data.num_sequences} sequences, {data.response_tokens} response tokens "
             f"({len(train_idx)} train / {len(heldout_idx)} held-out) from {data_file}"
         )
+        responses = np.concatenate([data.sequence(int(i))[int(data.prompt_lengths[int(i)]):]
+                                    for i in train_idx])
+        teacher = Teacher(target, layer_ids)
+        vocab_record = None
+        if settings.draft_vocab:
+            counts = np.bincount(responses, minlength=int(target.config.vocab_size))
+            chosen = select_draft_vocab(counts, settings.draft_vocab,
+                                        data.meta.get("stop_ids") or [])
+            teacher.vocab = torch.from_numpy(chosen).to(dev)
+            vocab_record = {"size": len(chosen), "coverage": round(coverage(counts, chosen), 6)}
+            reporter.log(f"draft vocabulary: {len(chosen)} tokens, "
+                         f"{vocab_record['coverage']:.2%} of the training responses")
+        cache_bytes = FeatureCache.nbytes(data, len(layer_ids) * int(target.config.hidden_size),
+                                          int(target.config.hidden_size), compute_dtype)
+        if cache_bytes <= FEATURE_CACHE_BYTES:
+            task = reporter.task("teacher features", int(data.tokens.size))
+            teacher.cache = FeatureCache.build(
+                target, data, layer_ids, _autocast(dev, compute_dtype),
+                lambda done, total: reporter.update(task, done, total, info="tokens"))
+            reporter.log(f"teacher features cached: {cache_bytes / 2**30:.2f} GiB")
 
         # ---- drafter and optimiser -----------------------------------------------------
         drafter = make_random_drafter(
@@ -1076,15 +1022,15 @@ def distill(
         task = reporter.task("train", total_steps)
         recent: list[dict] = []
         stopped_by = "steps"
-        loop_start = time.perf_counter() - train_elapsed
         last_epoch_evaluated = step // steps_per_epoch
         trainable_params = [p for _, p in trainable]
         if step == 0 and len(heldout_idx):
-            metrics = evaluate(drafter, target, layer_ids, data, heldout_idx, settings, pad_id,
+            metrics = evaluate(drafter, teacher, data, heldout_idx, settings, pad_id,
                                dev, amp, max(1, settings.batch_size // 4), settings.anchors * 4)
             metrics.update(epoch=0, step=0)
             history.append(metrics)
             reporter.log(_format_eval("initial", metrics))
+        loop_start = time.perf_counter() - train_elapsed  # the budget is training time only
         while step < total_steps:
             elapsed = time.perf_counter() - loop_start
             if train_time_budget_s is not None and elapsed >= train_time_budget_s:
@@ -1102,7 +1048,7 @@ def distill(
             batch = make_batch(data, indices, pad_id, dev)
             picked, keep = sample_anchors(batch.loss_mask, settings.anchors,
                                           _step_generator(seed, step))
-            stats, micro = _train_step(drafter, target, layer_ids, batch, picked, keep,
+            stats, micro = _train_step(drafter, teacher, batch, picked, keep,
                                        settings, amp, optimizer, trainable_params, micro,
                                        reporter)
             step += 1
@@ -1119,11 +1065,14 @@ def distill(
                 _save_checkpoint(ckpt_dir, _checkpoint_state(
                     trainable, optimizer, step, time.perf_counter() - loop_start, micro,
                     history, run_key))
-            if step // steps_per_epoch > last_epoch_evaluated and len(heldout_idx):
+            if (step // steps_per_epoch > last_epoch_evaluated and len(heldout_idx)
+                    and step < total_steps):  # the last one is the final evaluation
                 last_epoch_evaluated = step // steps_per_epoch
-                metrics = evaluate(drafter, target, layer_ids, data, heldout_idx, settings,
+                eval_start = time.perf_counter()
+                metrics = evaluate(drafter, teacher, data, heldout_idx, settings,
                                    pad_id, dev, amp, max(1, settings.batch_size // 4),
                                    settings.anchors * 4)
+                loop_start += time.perf_counter() - eval_start  # not training time
                 metrics.update(epoch=last_epoch_evaluated, step=step)
                 history.append(metrics)
                 reporter.log(_format_eval(f"epoch {last_epoch_evaluated}", metrics))
@@ -1132,7 +1081,7 @@ def distill(
                         info=f"done ({stopped_by}) in {train_elapsed:.0f} s")
         final_eval = None
         if len(heldout_idx):
-            final_eval = evaluate(drafter, target, layer_ids, data, heldout_idx, settings,
+            final_eval = evaluate(drafter, teacher, data, heldout_idx, settings,
                                   pad_id, dev, amp, max(1, settings.batch_size // 4),
                                   settings.anchors * 4)
             final_eval.update(epoch=step / steps_per_epoch, step=step)
@@ -1142,6 +1091,8 @@ def distill(
 
     # ---- save -----------------------------------------------------------------------------
     files = _final_save(drafter, out_dir)
+    files.append(write_token_counts(out_dir, responses, drafter.config.vocab_size,
+                                    source="distill: the target's training responses"))
     size = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
     train_tail = _mean_stats(recent)
     record = {
@@ -1158,6 +1109,7 @@ def distill(
             "trainable_parameters": int(sum(p.numel() for p in trainable_params)),
             "weights_dtype": "float16", "weights_bytes": int(size),
             "files": {f.name: _sha256(f) for f in files},
+            "trained_for_draft_vocab": vocab_record,
         },
         "objective": {
             "ce_weight": settings.ce_weight, "tv_weight": settings.tv_weight,
@@ -1227,7 +1179,7 @@ def _generate(target, tokenizer, prompts, data_path, target_dir, settings, gen_b
         raise DistillError(str(exc)) from exc
 
 
-def _train_step(drafter, target, layer_ids, batch, picked, keep, settings, amp, optimizer,
+def _train_step(drafter, teacher: Teacher, batch, picked, keep, settings, amp, optimizer,
                 params, micro, reporter):
     """One optimiser step, split into `micro` sequence groups; halves the groups on CUDA OOM."""
     den = _batch_denominator(batch, picked, keep, settings)
@@ -1241,10 +1193,7 @@ def _train_step(drafter, target, layer_ids, batch, picked, keep, settings, amp, 
                                     min(micro, batch.input_ids.shape[0]))
             for group in groups:
                 g = torch.from_numpy(group)
-                sub = Batch(batch.input_ids[g.to(batch.input_ids.device)],
-                            batch.attention_mask[g.to(batch.input_ids.device)],
-                            batch.loss_mask[g.to(batch.input_ids.device)])
-                result = _run_rows(drafter, target, layer_ids, sub, picked[g], keep[g],
+                result = _run_rows(drafter, teacher, batch.rows(group), picked[g], keep[g],
                                    settings, den, amp)
                 if result is None:
                     continue
@@ -1267,8 +1216,8 @@ def _train_step(drafter, target, layer_ids, batch, picked, keep, settings, amp, 
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype != torch.float32:
-        return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+    if dtype != torch.float32:
+        return lambda: torch.autocast(device_type=device.type, dtype=dtype)
     import contextlib
 
     return contextlib.nullcontext
@@ -1318,7 +1267,7 @@ def seed_everything(seed: int) -> None:
 
 
 __all__ = [
-    "DistillError", "DistillSettings", "distill", "dspark_loss", "sample_anchors",
-    "build_rows", "drafter_block_logits", "target_features", "check_feature_taps",
+    "DistillError", "DistillSettings", "distill", "sample_anchors",
+    "build_rows", "drafter_block_outputs", "block_terms", "target_features", "check_feature_taps",
     "shard_weights", "unshard_weights", "lr_at", "latest_checkpoint",
 ]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +18,10 @@ from dspark_export import distill as distill_mod
 from dspark_export.distill import (
     DistillError,
     Batch,
+    block_terms,
     build_rows,
     distill,
-    drafter_block_logits,
-    dspark_loss,
+    drafter_block_outputs,
     lr_at,
     sample_anchors,
     shard_weights,
@@ -29,9 +32,9 @@ from dspark_export.distill_data import (
     DistillDataError,
     build_corpus,
     corpus_digest,
-    load_data,
     load_prompts,
 )
+from dspark_export.distill_loss import block_loss, dspark_loss
 from dspark_export.models.draft import load_drafter, make_random_drafter, save_drafter
 from dspark_export.models.target import TargetAdapter
 
@@ -68,6 +71,16 @@ def test_corpus_is_seeded_deduplicated_and_mixed():
     counts = {d: sum(p.domain == d for p in a) for d in ("math", "code", "chat")}
     assert all(c > 60 for c in counts.values()), counts
     assert build_corpus(50, seed=3) == a[:50]  # a prefix of a larger corpus
+
+
+def test_corpus_is_the_same_in_every_process():
+    """No object addresses (`<... at 0x7f...>` defaults in signatures) leak into prompts."""
+    code = ("from dspark_export.distill_data import build_corpus, corpus_digest; "
+            "print(corpus_digest(build_corpus(3000, seed=0)))")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout.strip() for _ in range(2)}
+    assert digests == {corpus_digest(build_corpus(3000, seed=0))}
+    assert not any(" at 0x" in p.text for p in build_corpus(3000, seed=0))
 
 
 @pytest.mark.skipif(not EVAL_DIR.is_dir(), reason="../shared/eval is not present")
@@ -185,7 +198,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 @pytest.mark.parametrize("head", ["vanilla", "rnn", None])
 def test_training_rows_equal_the_inference_path(tiny, head):
-    """drafter_block_logits == adapter features + backbone + teacher-forced Markov steps."""
+    """Packed training rows == adapter features + backbone + teacher-forced Markov steps."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny["target"], dtype=torch.float32).eval()
@@ -200,12 +213,16 @@ def test_training_rows_equal_the_inference_path(tiny, head):
     ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     loss_mask = torch.zeros_like(ids, dtype=torch.bool)
     loss_mask[:, 9:] = True
-    batch = Batch(ids, torch.ones_like(ids), loss_mask)
+    batch = Batch(ids, torch.ones_like(ids), loss_mask, np.arange(2))
     anchors, keep = sample_anchors(loss_mask, 8, torch.Generator().manual_seed(2))
     rows = build_rows(batch, anchors, keep, 4)
     with torch.no_grad():
         features, _ = target_features(model, ids, batch.attention_mask, layer_ids)
-        logits, confidence = drafter_block_logits(drafter, features, ids, rows)
+        out = drafter_block_outputs(drafter, features, ids, anchors, keep, rows)
+        logits = out.hidden @ drafter.lm_head.weight.t()
+        if out.w2_input is not None:
+            logits = logits + out.w2_input @ drafter.markov_head.markov_w2.weight.t()
+        confidence = out.confidence
     adapter = TargetAdapter(model, layer_ids)
     c = drafter.config
     for r in range(rows.seq.shape[0]):
@@ -226,7 +243,8 @@ def test_training_rows_equal_the_inference_path(tiny, head):
                 prev = drafter.markov_head.prev_embeddings(ids[s, a + k][None]) \
                     if drafter.markov_head is not None else None
                 if prev is not None:
-                    bias, state = drafter.markov_head.step(prev, hidden[:, k], state)
+                    e, state = drafter.markov_head.transition_input(prev, hidden[:, k], state)
+                    bias = drafter.markov_head.markov_w2(e)
                     expected = expected + bias
                 torch.testing.assert_close(logits[r, k], expected[0], rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(confidence[r, k],
@@ -235,6 +253,56 @@ def test_training_rows_equal_the_inference_path(tiny, head):
         n = int(rows.eval_mask[r].sum())
         assert n == min(4, ids.shape[1] - 1 - a) and n >= 1
         assert rows.labels[r, :n].tolist() == ids[s, a + 1:a + 1 + n].tolist()
+
+
+@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn", None])
+def test_fused_head_loss_equals_the_plain_loss_and_its_gradients(tiny, head):
+    """block_terms (chunked, recomputing backward) == dspark_loss on materialised logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["target"], dtype=torch.float32).eval()
+    layer_ids = [0, 2]
+    drafter = make_random_drafter(model.config, block_size=4, target_layer_ids=layer_ids,
+                                  markov_rank=0 if head is None else 8,
+                                  markov_head_type=head or "vanilla", seed=3)
+    drafter.set_target_weights(model.get_input_embeddings(), model.get_output_embeddings())
+    drafter.lm_head.requires_grad_(False)
+    ids = torch.randint(3, 256, (3, 20), generator=torch.Generator().manual_seed(4))
+    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+    loss_mask[:, 6:] = True
+    batch = Batch(ids, torch.ones_like(ids), loss_mask, np.arange(2))
+    anchors, keep = sample_anchors(loss_mask, 6, torch.Generator().manual_seed(5))
+    rows = build_rows(batch, anchors, keep, 4)
+    with torch.no_grad():
+        features, last = target_features(model, ids, batch.attention_mask, layer_ids)
+
+    def loss_and_grads(fused: bool):
+        drafter.zero_grad(set_to_none=True)
+        out = drafter_block_outputs(drafter, features, ids, anchors, keep, rows)
+        if fused:
+            ce, l1, match = block_terms(drafter, out, last, rows)
+            loss, stats = block_loss(ce, l1, match, rows.eval_mask, out.confidence)
+        else:
+            logits = out.hidden @ drafter.lm_head.weight.t()
+            if out.w2_input is not None:
+                logits = logits + out.w2_input @ drafter.markov_head.markov_w2.weight.t()
+            target = model.lm_head(last[rows.seq[:, None], rows.pred_index])
+            loss, stats = dspark_loss(logits, target, rows.labels, rows.eval_mask,
+                                      out.confidence)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in drafter.named_parameters() if p.grad is not None}
+        return float(loss.detach()), stats, grads
+
+    fused_loss, fused_stats, fused_grads = loss_and_grads(True)
+    plain_loss, plain_stats, plain_grads = loss_and_grads(False)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert fused_stats.tau_greedy == plain_stats.tau_greedy
+    assert fused_stats.tv_sum == pytest.approx(plain_stats.tv_sum, rel=1e-5)
+    assert set(fused_grads) == set(plain_grads) and "fc.weight" in fused_grads
+    if head is not None:
+        assert "markov_head.markov_w2.weight" in fused_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -378,14 +446,25 @@ def test_shards_load_and_gpu_script_cpu_path(tiny, tmp_path):
     assert script.main(argv) == 0
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8 and all((out / f).stat().st_size <= 100_000 for f in files), files
-    assert "dspark/model.safetensors.index.json" in files and "gpu_distill.log" in files
-    assert any(f.startswith("dflash.tar") for f in files)
+    assert "gpu_distill.log" in files
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny["target"])
     shape = (config.vocab_size, config.hidden_size)
-    drafter = load_drafter(out / "dspark", config, torch.zeros(shape), torch.zeros(shape))
-    assert drafter.config.markov_rank == 64
+    ranks = {}
+    for name in ("dspark", "dflash"):  # each comes back as a folder or as a (split) tar
+        parts = sorted(out.glob(f"{name}.tar*"), key=lambda p: int(p.suffix[5:] or 0)
+                       if p.suffix.startswith(".part") else -1)
+        assert (out / name).is_dir() != bool(parts), files
+        if parts:
+            (tmp_path / f"{name}.tar").write_bytes(b"".join(p.read_bytes() for p in parts))
+            with tarfile.open(tmp_path / f"{name}.tar") as tar:
+                tar.extractall(tmp_path / "unpacked", filter="data")
+        folder = out / name if (out / name).is_dir() else tmp_path / "unpacked" / name
+        drafter = load_drafter(folder, config, torch.zeros(shape), torch.zeros(shape))
+        ranks[name] = drafter.config.markov_rank
+    assert ranks == {"dspark": 64, "dflash": 0}
+    assert any(f.endswith(".tar.part1") for f in files), files  # a tar was split to fit
     log = (out / "gpu_distill.log").read_text()
     assert "DSpark / DFlash" in log and "check: dflash loads" in log
 

@@ -148,7 +148,8 @@ def _tar(folder: Path, dest: Path) -> Path:
 
 def pack_drafter(out: Path, name: str, src: Path, written: list[Path], later: int) -> None:
     """Copy one drafter to `out` within the return limits: a folder (weights sharded below
-    MAX_FILE_BYTES) when its files fit beside `later` more entries and the log, else a tar
+    MAX_FILE_BYTES) when its files fit beside the log and `later` more drafters of at most its
+    size (tarred), else a tar
     (split into parts if needed). Appends what it wrote to `written`."""
     from dspark_export.distill import shard_weights
 
@@ -158,7 +159,8 @@ def pack_drafter(out: Path, name: str, src: Path, written: list[Path], later: in
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".*"))
     shard_weights(dest, MAX_FILE_BYTES)
     files = sorted(p for p in dest.iterdir() if p.is_file())
-    if len(written) + len(files) + 1 + later <= MAX_FILES:
+    parts = -(-sum(f.stat().st_size for f in files) // MAX_FILE_BYTES)  # a like-sized tar's
+    if len(written) + len(files) + 1 + later * parts <= MAX_FILES:
         written += files
         return
     tar_path = _tar(dest, out / f"{name}.tar")

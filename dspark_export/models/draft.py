@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,40 @@ def masked_attention(
     return out.transpose(1, 2).reshape(batch, block, num_heads * head_dim)
 
 
+def packed_attention(
+    q: torch.Tensor, block_k: torch.Tensor, block_v: torch.Tensor, context_k: torch.Tensor,
+    context_v: torch.Tensor, context_valid: torch.Tensor, block_size: int, scaling: float,
+) -> torch.Tensor:
+    """`masked_attention` for A blocks packed along the query axis (training).
+
+    q [B, H, A*G, D] and block_k/v [B, Hk, A*G, D] are the blocks' own queries, keys and
+    values; context_k/v [B, Hk, L, D] are shared. Query (a, g) sees the context positions where
+    context_valid [B, A*G, L] holds, and the G keys of its own block a; the two score parts
+    share one fp32 softmax. The block part is [.., A, G, G], never [.., A*G, A*G].
+    Returns [B, A*G, H * D].
+    """
+    batch, num_heads, packed, head_dim = q.shape
+    num_kv_heads, length = context_k.shape[1], context_k.shape[2]
+    group, blocks = num_heads // num_kv_heads, packed // block_size
+    qg = q.reshape(batch, num_kv_heads, group, blocks, block_size, head_dim)
+    context_scores = torch.matmul(qg.reshape(batch, num_kv_heads, -1, head_dim),
+                                  context_k.transpose(2, 3)) * scaling
+    context_scores = context_scores.reshape(batch, num_kv_heads, group, blocks, block_size,
+                                            length)
+    valid = context_valid.reshape(batch, 1, 1, blocks, block_size, length)
+    context_scores = context_scores.masked_fill(~valid, torch.finfo(context_scores.dtype).min)
+    bk = block_k.reshape(batch, num_kv_heads, 1, blocks, block_size, head_dim)
+    bv = block_v.reshape(batch, num_kv_heads, 1, blocks, block_size, head_dim)
+    block_scores = torch.matmul(qg, bk.transpose(-1, -2)) * scaling
+    weights = torch.softmax(torch.cat([context_scores, block_scores], dim=-1), dim=-1,
+                            dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(weights[..., length:], bv) + torch.matmul(
+        weights[..., :length].reshape(batch, num_kv_heads, -1, length), context_v
+    ).reshape(batch, num_kv_heads, group, blocks, block_size, head_dim)
+    out = out.reshape(batch, num_heads, packed, head_dim)
+    return out.transpose(1, 2).reshape(batch, packed, num_heads * head_dim)
+
+
 class DSparkAttention(nn.Module):
     """Block queries over [cached context; new context; block] keys, no causal mask."""
 
@@ -336,11 +371,18 @@ class DSparkAttention(nn.Module):
         prefix_keys: torch.Tensor,
         prefix_values: torch.Tensor,
         valid: torch.Tensor,
+        packed_block: int | None = None,
     ) -> torch.Tensor:
+        """`valid` [B, S + G] over [prefix; block] keys, or with `packed_block` set, x holds
+        A blocks of that size and `valid` [B, A * G, S] is each query's prefix mask."""
         batch, block, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(batch, block, self.num_heads, self.head_dim))
         q = apply_rope(q.transpose(1, 2), cos, sin)
         block_keys, block_values = self.project_kv(x, cos, sin)
+        if packed_block is not None:
+            return self.o_proj(packed_attention(q, block_keys, block_values, prefix_keys,
+                                                prefix_values, valid, packed_block,
+                                                self.scaling))
         keys = torch.cat([prefix_keys, block_keys], dim=2)
         values = torch.cat([prefix_values, block_values], dim=2)
         return self.o_proj(masked_attention(q, keys, values, valid, self.scaling))
@@ -365,9 +407,11 @@ class DSparkDecoderLayer(nn.Module):
         prefix_keys: torch.Tensor,
         prefix_values: torch.Tensor,
         valid: torch.Tensor,
+        packed_block: int | None = None,
     ) -> torch.Tensor:
         attn = self.self_attn(
-            self.input_layernorm(hidden), cos, sin, prefix_keys, prefix_values, valid
+            self.input_layernorm(hidden), cos, sin, prefix_keys, prefix_values, valid,
+            packed_block,
         )
         hidden = hidden + attn
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -399,6 +443,23 @@ class DSparkDrafter(nn.Module):
         if config.enable_confidence_head:
             extra = config.markov_rank if config.confidence_head_with_markov else 0
             self.confidence_head = ConfidenceHead(d + extra)
+        # A draft vocabulary (restrict_vocab): its ids and the lm_head / W2 rows for them.
+        # Derived from the weights above, so never saved (the checkpoint stays DeepSpec's).
+        for name in ("draft_vocab", "draft_lm_weight", "draft_w2_weight"):
+            self.register_buffer(name, None, persistent=False)
+
+    def restrict_vocab(self, token_ids: torch.Tensor | Sequence[int]) -> None:
+        """Draft over these token ids only (models/draft_vocab.py): `backbone` then returns
+        logits over them and `markov_sample` maps its picks back to token ids. Copies the
+        lm_head and W2 rows as they are now, so call it after the weights are loaded."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.lm_head.weight.device)
+        ids = torch.unique(ids, sorted=True)
+        if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.config.vocab_size:
+            raise DraftError(f"a draft vocabulary needs ids in 0..{self.config.vocab_size - 1}")
+        self.draft_vocab = ids
+        self.draft_lm_weight = self.lm_head.weight.detach()[ids].clone()
+        if self.markov_head is not None:
+            self.draft_w2_weight = self.markov_head.markov_w2.weight.detach()[ids].clone()
 
     def set_target_weights(
         self, embeddings: torch.Tensor | nn.Module, lm_head: torch.Tensor | nn.Module
@@ -446,14 +507,64 @@ class DSparkDrafter(nn.Module):
             past_lengths, past_keys[0].shape[2], context_lengths, context_features.shape[1],
             block_ids.shape[1],
         )
+        prefix_keys = [torch.cat(kv, dim=2) for kv in zip(past_keys, new_keys)]
+        prefix_values = [torch.cat(kv, dim=2) for kv in zip(past_values, new_values)]
+        hidden = self.block_hidden(block_ids, block_positions, prefix_keys, prefix_values, valid)
+        logits = torch.nn.functional.linear(hidden, self._scored_weights()[0])
+        return hidden, logits.float(), new_keys, new_values
+
+    def _scored_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(lm_head, Markov W2) rows of the tokens the drafter scores: all V, or its draft
+        vocabulary's (W2 is None without a Markov head)."""
+        if self.draft_vocab is not None:
+            return self.draft_lm_weight, self.draft_w2_weight
+        head = self.markov_head
+        return self.lm_head.weight, None if head is None else head.markov_w2.weight
+
+    def block_hidden(
+        self,
+        block_ids: torch.Tensor,
+        block_positions: torch.Tensor,
+        prefix_keys: list[torch.Tensor],
+        prefix_values: list[torch.Tensor],
+        valid: torch.Tensor,
+        packed_block: int | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, Q, d] of block queries over per-layer prefix K/V plus
+        the queries' own K/V (`DSparkAttention.forward` says what `valid` holds)."""
         hidden = self.embed_tokens(block_ids)
         cos, sin = self.rotary_emb(hidden, block_positions)
         for i, layer in enumerate(self.layers):
-            prefix_keys = torch.cat([past_keys[i], new_keys[i]], dim=2)
-            prefix_values = torch.cat([past_values[i], new_values[i]], dim=2)
-            hidden = layer(hidden, cos, sin, prefix_keys, prefix_values, valid)
-        hidden = self.norm(hidden)
-        return hidden, self.lm_head(hidden).float(), new_keys, new_values
+            hidden = layer(hidden, cos, sin, prefix_keys[i], prefix_values[i], valid,
+                           packed_block)
+        return self.norm(hidden)
+
+    def packed_block_hidden(
+        self, features: torch.Tensor, anchors: torch.Tensor, anchor_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Teacher-forced block hidden states [S, A, G, d] for A anchors per sequence at once.
+
+        features [S, L, F] are the target's features of each whole sequence; block a of row s
+        is [anchor_ids[s, a], MASK x (G-1)] at positions anchors[s, a] + 0..G-1 and sees the
+        context positions < anchors[s, a] and its own block only. That is `backbone` with a
+        cache of the context before the anchor (what decoding has), computed for all of a
+        sequence's blocks in one packed pass with no per-block copy of the context K/V.
+        """
+        seqs, length = features.shape[:2]
+        num_anchors, gamma = anchors.shape[1], self.config.block_size
+        device = features.device
+        positions = torch.arange(length, device=device)[None].expand(seqs, -1)
+        keys, values = self.context_kv(features, positions)
+        offsets = torch.arange(gamma, device=device)
+        block_ids = torch.full((seqs, num_anchors, gamma), self.config.mask_token_id,
+                               dtype=torch.long, device=device)
+        block_ids[:, :, 0] = anchor_ids
+        block_positions = (anchors[:, :, None] + offsets).reshape(seqs, -1)
+        context = torch.arange(length, device=device)[None, None, :] < anchors[:, :, None]
+        context = context[:, :, None, :].expand(-1, -1, gamma, -1).reshape(seqs, -1, length)
+        hidden = self.block_hidden(block_ids.reshape(seqs, -1), block_positions, keys, values,
+                                   context, packed_block=gamma)
+        return hidden.reshape(seqs, num_anchors, gamma, -1)
 
     def markov_sample(
         self,
@@ -467,23 +578,31 @@ class DSparkDrafter(nn.Module):
 
         Left to right, logits_k = U_k + bias(x_{k-1}, h_k, state) with x_0 = the anchor; the
         RNN head's state starts at zero. Rows with temperature <= 0 are greedy. The loop over
-        G is Python, so an exported graph is unrolled over the block.
+        G is Python, so an exported graph is unrolled over the block. With a draft vocabulary
+        base_logits span it, and the probabilities are scattered back over all V tokens.
         """
         prev_ids = anchor_ids.to(torch.int64)
         state = None
-        if self.markov_head is not None:
+        head, vocab = self.markov_head, self.draft_vocab
+        w2_weight = self._scored_weights()[1]
+        if head is not None:
             state = hidden_states.new_zeros(hidden_states.shape[0], self.config.markov_rank)
         ids, probs, confidences = [], [], []
         for k in range(base_logits.shape[1]):
             hidden = hidden_states[:, k]
             logits = base_logits[:, k].float()
             prev_emb = None
-            if self.markov_head is not None:
-                prev_emb = self.markov_head.prev_embeddings(prev_ids)
-                bias, state = self.markov_head.step(prev_emb, hidden, state)
-                logits = logits + bias.float()
+            if head is not None:
+                prev_emb = head.prev_embeddings(prev_ids)
+                w2_input, state = head.transition_input(prev_emb, hidden, state)
+                logits = logits + torch.nn.functional.linear(w2_input, w2_weight).float()
             confidences.append(self._confidence_logit(hidden, prev_emb))
             prev_ids, step_probs = select_token(logits, temperature, uniforms[:, k])
+            if vocab is not None:
+                prev_ids = vocab[prev_ids]
+                rows = step_probs.shape[0]
+                step_probs = step_probs.new_zeros(rows, self.config.vocab_size).scatter(
+                    1, vocab[None].expand(rows, -1), step_probs)
             ids.append(prev_ids)
             probs.append(step_probs)
         return torch.stack(ids, 1), torch.stack(probs, 1), torch.stack(confidences, 1)

@@ -1,8 +1,8 @@
 """DSpark's sequential stage: Markov heads, the confidence head and inverse-CDF sampling.
 
 Parameter names follow DeepSpec (`markov_w1`, `markov_w2`, `gate_proj`, `joint_proj`,
-`proj`) so checkpoints load as they are. Every head exposes one `step` with the same
-signature and an explicit recurrent state, so the sampling loop in `DSparkDrafter` is a plain
+`proj`) so checkpoints load as they are. Every head exposes one `transition_input` with the
+same signature and an explicit recurrent state, so the sampling loop in `DSparkDrafter` is a plain
 Python loop over the block that torch.onnx unrolls without data-dependent branches.
 """
 from __future__ import annotations
@@ -42,11 +42,13 @@ class VanillaMarkovHead(nn.Module):
         """W1[x]; also the Markov half of the confidence head's input."""
         return self.markov_w1(token_ids)
 
-    def step(
+    def transition_input(
         self, prev_emb: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (bias [B, V], next state); memoryless heads pass the state through."""
-        return self.markov_w2(prev_emb), state
+        """(e [B, r], next state): the bias is markov_w2(e). Memoryless heads pass the state
+        through. Every head's bias is W2 of some r-vector, so training folds W2 into the
+        lm_head matmul (distill_loss.py) and a draft vocabulary keeps only W2's rows."""
+        return prev_emb, state
 
 
 class GatedMarkovHead(VanillaMarkovHead):
@@ -56,11 +58,11 @@ class GatedMarkovHead(VanillaMarkovHead):
         super().__init__(vocab_size, markov_rank)
         self.gate_proj = nn.Linear(hidden_size + markov_rank, markov_rank)
 
-    def step(
+    def transition_input(
         self, prev_emb: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, prev_emb], dim=-1)))
-        return self.markov_w2(gate * prev_emb), state
+        return gate * prev_emb, state
 
 
 class RNNMarkovHead(VanillaMarkovHead):
@@ -70,14 +72,14 @@ class RNNMarkovHead(VanillaMarkovHead):
         super().__init__(vocab_size, markov_rank)
         self.joint_proj = nn.Linear(2 * markov_rank + hidden_size, 3 * markov_rank)
 
-    def step(
+    def transition_input(
         self, prev_emb: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         proj = self.joint_proj(torch.cat([state, prev_emb, hidden], dim=-1))
         gate_raw, candidate_raw, output_raw = proj.chunk(3, dim=-1)
         gate = torch.sigmoid(gate_raw)
         new_state = gate * state + (1.0 - gate) * torch.tanh(candidate_raw)
-        return self.markov_w2(torch.tanh(output_raw)), new_state
+        return torch.tanh(output_raw), new_state
 
 
 def build_markov_head(
