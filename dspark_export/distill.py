@@ -82,8 +82,8 @@ from dspark_export.distill_loss import (
     LossStats,
     block_loss,
     head_terms,
+    TargetHead,
     position_weights,
-    target_distributions,
 )
 from dspark_export.distill_teacher import FEATURE_CACHE_BYTES, FeatureCache, Teacher, target_features
 from dspark_export.models.draft_vocab import coverage, select_draft_vocab, write_token_counts
@@ -435,22 +435,25 @@ def drafter_block_outputs(
 
 
 def block_terms(drafter: DSparkDrafter, out: BlockOutputs, target_last: torch.Tensor,
-                rows: Rows, vocab: torch.Tensor | None = None
+                rows: Rows, head: TargetHead | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CE, L1, greedy match) [R, G] against the target, computed on supervised positions only
     (zeros elsewhere) with the fused head of distill_loss.py; each target position's
     distribution is computed once for all the rows that predict it.
 
-    With `vocab` (sorted token ids: a draft vocabulary) the drafter is trained as it drafts,
-    over those tokens only: L1 counts the target's mass outside them (a constant), and labels
-    outside them add no CE (no logit could raise their probability above zero)."""
+    With a `head` over a draft vocabulary (sorted token ids) the drafter is trained as it
+    drafts, over those tokens only: L1 counts the target's mass outside them (a constant), and
+    labels outside them add no CE (no logit could raise their probability above zero)."""
+    if head is None:
+        head = TargetHead(drafter.lm_head.weight, None, target_last.dtype)
+    vocab = head.vocab
     sel = rows.eval_mask
     length, width = target_last.shape[1], target_last.shape[2]
     key = (rows.seq[:, None] * length + rows.pred_index)[sel]
     positions, index = torch.unique(key, return_inverse=True)
-    head = drafter.markov_head
+    markov = drafter.markov_head
     lm_weight = drafter.lm_head.weight
-    w2_weight = None if head is None else head.markov_w2.weight
+    w2_weight = None if markov is None else markov.markov_w2.weight
     labels = rows.labels[sel]
     scored = torch.ones_like(labels, dtype=torch.bool)
     if vocab is not None:
@@ -462,12 +465,11 @@ def block_terms(drafter: DSparkDrafter, out: BlockOutputs, target_last: torch.Te
         labels = local[labels]
         scored = labels >= 0
         labels = labels.clamp(min=0)
-    target = target_distributions(target_last.reshape(-1, width)[positions],
-                                  drafter.lm_head.weight, vocab)
+    compiled = lm_weight.shape[0] >= COMPILE_MIN_VOCAB
+    target = head.distributions(target_last.reshape(-1, width)[positions], compiled=compiled)
     ce, l1, match = head_terms(
         out.hidden[sel], None if out.w2_input is None else out.w2_input[sel],
-        lm_weight, w2_weight, target, index, labels,
-        compiled=lm_weight.shape[0] >= COMPILE_MIN_VOCAB,
+        lm_weight, w2_weight, target, index, labels, compiled=compiled,
     )
     zeros = torch.zeros(sel.shape, dtype=ce.dtype, device=ce.device)
     return (zeros.masked_scatter(sel, ce * scored), zeros.masked_scatter(sel, l1),
@@ -753,7 +755,7 @@ def _run_rows(drafter, teacher: Teacher, batch: Batch, anchors, keep, settings, 
     with amp():
         features, last = teacher.outputs(batch.input_ids, batch.attention_mask, batch.indices)
         out = drafter_block_outputs(drafter, features, batch.input_ids, anchors, keep, rows)
-        ce, l1, match = block_terms(drafter, out, last, rows, teacher.vocab)
+        ce, l1, match = block_terms(drafter, out, last, rows, teacher.head)
     return block_loss(
         ce, l1, match, rows.eval_mask, out.confidence,
         ce_weight=settings.ce_weight, tv_weight=settings.tv_weight,
@@ -951,16 +953,17 @@ def distill(
         )
         responses = np.concatenate([data.sequence(int(i))[int(data.prompt_lengths[int(i)]):]
                                     for i in train_idx])
-        teacher = Teacher(target, layer_ids)
-        vocab_record = None
+        vocab, vocab_record = None, None
         if settings.draft_vocab:
             counts = np.bincount(responses, minlength=int(target.config.vocab_size))
             chosen = select_draft_vocab(counts, settings.draft_vocab,
                                         data.meta.get("stop_ids") or [])
-            teacher.vocab = torch.from_numpy(chosen).to(dev)
+            vocab = torch.from_numpy(chosen).to(dev)
             vocab_record = {"size": len(chosen), "coverage": round(coverage(counts, chosen), 6)}
             reporter.log(f"draft vocabulary: {len(chosen)} tokens, "
                          f"{vocab_record['coverage']:.2%} of the training responses")
+        teacher = Teacher(target, layer_ids, TargetHead(
+            target.get_output_embeddings().weight, vocab, compute_dtype))
         cache_bytes = FeatureCache.nbytes(data, len(layer_ids) * int(target.config.hidden_size),
                                           int(target.config.hidden_size), compute_dtype)
         if cache_bytes <= FEATURE_CACHE_BYTES:

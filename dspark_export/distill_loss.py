@@ -201,7 +201,7 @@ _COMPILED: dict[str, Callable] = {}
 def _kernel(name: str, compiled: bool) -> Callable:
     """The eager function, or its torch.compile'd form (one fused loop per reduction instead
     of a pass per op over [chunk, V]; compiled once per process)."""
-    eager = {"forward": _forward_terms, "grad": _logit_grad}[name]
+    eager = {"forward": _forward_terms, "grad": _logit_grad, "target": _target_terms}[name]
     if not compiled:
         return eager
     if name not in _COMPILED:
@@ -285,35 +285,44 @@ def _joint_input(hidden, w2_input, lo: int, hi: int, mm: torch.dtype) -> torch.T
     return torch.cat([part.to(mm) for part in parts], dim=1)
 
 
-@torch.no_grad()
-def target_distributions(target_hidden: torch.Tensor, lm_weight: torch.Tensor,
-                         vocab: torch.Tensor | None = None,
-                         chunk: int = HEAD_CHUNK_ROWS) -> TargetDistributions:
-    """softmax(target_hidden @ lm_weight^T) over all V tokens, kept on `vocab` (sorted ids the
-    drafter scores; None: all), chunk by chunk."""
-    mm = torch.bfloat16 if torch.bfloat16 in (target_hidden.dtype, lm_weight.dtype) \
-        else torch.float32
-    weight = lm_weight.to(mm)
-    rows = target_hidden.shape[0]
-    width = weight.shape[0] if vocab is None else vocab.numel()
-    probs = torch.empty(rows, width, dtype=torch.float32, device=target_hidden.device)
-    top = torch.empty(rows, dtype=torch.long, device=target_hidden.device)
-    rest = torch.zeros(rows, dtype=torch.float32, device=target_hidden.device)
-    local = None
-    if vocab is not None:  # token id -> its index among the scored tokens, or -1
-        local = torch.full((weight.shape[0],), -1, dtype=torch.long, device=vocab.device)
-        local[vocab] = torch.arange(vocab.numel(), device=vocab.device)
-    with torch.autocast(target_hidden.device.type, enabled=False):
-        for lo in range(0, rows, chunk):
-            logits = (target_hidden[lo:lo + chunk].to(mm) @ weight.t()).float()
-            full = torch.softmax(logits, dim=-1)
-            if local is None:
-                probs[lo:lo + chunk], top[lo:lo + chunk] = full, logits.argmax(-1)
-            else:
-                kept = full[:, vocab]
-                probs[lo:lo + chunk], top[lo:lo + chunk] = kept, local[logits.argmax(-1)]
-                rest[lo:lo + chunk] = (1.0 - kept.sum(-1)).clamp(min=0.0)
-    return TargetDistributions(probs, top, rest)
+def _target_terms(logits: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q on the first `kept` tokens (softmax over all of them) and argmax q, per row."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    return torch.exp(z[:, :kept] - lse), z.argmax(-1)
+
+
+class TargetHead:
+    """The target's frozen lm_head, cast once to the matmul dtype, with the scored tokens
+    first so that q on them is one contiguous slice of the logits (no gather over [U, V])."""
+
+    def __init__(self, lm_weight: torch.Tensor, vocab: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None):
+        self.vocab = vocab
+        weight = lm_weight.detach()
+        if vocab is not None:
+            others = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            others[vocab] = False
+            weight = weight[torch.cat([vocab, others.nonzero().squeeze(1)])]
+        self.weight = weight.to(dtype or weight.dtype).contiguous()
+        self.kept = weight.shape[0] if vocab is None else vocab.numel()
+
+    @torch.no_grad()
+    def distributions(self, hidden: torch.Tensor, chunk: int = HEAD_CHUNK_ROWS,
+                      compiled: bool = False) -> TargetDistributions:
+        """softmax(hidden @ W^T) over all V tokens, kept on the scored ones, chunk by chunk."""
+        rows = hidden.shape[0]
+        probs = torch.empty(rows, self.kept, dtype=torch.float32, device=hidden.device)
+        top = torch.empty(rows, dtype=torch.long, device=hidden.device)
+        terms = _kernel("target", compiled)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for lo in range(0, rows, chunk):
+                logits = hidden[lo:lo + chunk].to(self.weight.dtype) @ self.weight.t()
+                probs[lo:lo + chunk], top[lo:lo + chunk] = terms(logits, self.kept)
+        top = torch.where(top < self.kept, top, -1)  # the argmax is not a scored token
+        rest = (1.0 - probs.sum(-1)).clamp(min=0.0) if self.vocab is not None \
+            else torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+        return TargetDistributions(probs, top, rest)
 
 
 def head_terms(

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dspark_export.distill_data import DistillData
+from dspark_export.distill_loss import TargetHead
 
 FEATURE_CACHE_BYTES = 8 << 30  # the cache is used when it fits here
 CACHE_BATCH_TOKENS = 8192  # tokens per teacher-forced pass while filling the cache
@@ -94,13 +95,13 @@ class FeatureCache:
 
 @dataclass
 class Teacher:
-    """The frozen target, its feature taps, an optional `FeatureCache`, and the sorted token
-    ids the drafter scores (None: all; a draft vocabulary otherwise, models/draft_vocab.py)."""
+    """The frozen target, its feature taps, an optional `FeatureCache`, and its lm_head over
+    the tokens the drafter scores (all, or a draft vocabulary: models/draft_vocab.py)."""
 
     model: Any
     layer_ids: list[int]
+    head: TargetHead
     cache: FeatureCache | None = None
-    vocab: torch.Tensor | None = None
 
     def outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

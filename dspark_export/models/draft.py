@@ -327,8 +327,10 @@ def packed_attention(
     block_scores = torch.matmul(qg, bk.transpose(-1, -2)) * scaling
     weights = torch.softmax(torch.cat([context_scores, block_scores], dim=-1), dim=-1,
                             dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(weights[..., length:], bv) + torch.matmul(
-        weights[..., :length].reshape(batch, num_kv_heads, -1, length), context_v
+    # split, not two slices: its backward concatenates instead of zero-filling twice
+    context_weights, block_weights = weights.split([length, block_size], dim=-1)
+    out = torch.matmul(block_weights, bv) + torch.matmul(
+        context_weights.reshape(batch, num_kv_heads, -1, length), context_v
     ).reshape(batch, num_kv_heads, group, blocks, block_size, head_dim)
     out = out.reshape(batch, num_heads, packed, head_dim)
     return out.transpose(1, 2).reshape(batch, packed, num_heads * head_dim)
