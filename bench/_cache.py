@@ -24,15 +24,23 @@ def _model_files(folder: Path) -> list[Path]:
                                       or p.name.endswith(".index.json")))
 
 
-def cached_export(target_dir: Path | None, draft_dir: Path, label: str) -> Path:
-    """The pair's export folder under the cache, created on first use."""
+def cached_export(target_dir: Path | None, draft_dir: Path, label: str,
+                  draft_vocab: int | None = None) -> Path:
+    """The pair's export folder under the cache, created on first use; `draft_vocab` None
+    drafts over the vocabulary the drafter was trained for (`distill --draft-vocab`)."""
     from dspark_export.export import export_graphs
+    from dspark_export.models.draft_vocab import TOKEN_COUNTS_NAME, trained_draft_vocab
     from dspark_export.reference import cache_dir, reference_target_dir
 
+    if draft_vocab is None:
+        draft_vocab = trained_draft_vocab(draft_dir)
     target = target_dir or reference_target_dir()
-    key = _digest(_model_files(Path(target)) + _model_files(draft_dir))
-    out = cache_dir() / "bench-exports" / f"{draft_dir.name}-{key}"
+    files = _model_files(Path(target)) + _model_files(draft_dir)
+    if draft_vocab:
+        files.append(draft_dir / TOKEN_COUNTS_NAME)
+    name = f"{draft_dir.name}-{_digest(files)}" + (f"-v{draft_vocab}" if draft_vocab else "")
+    out = cache_dir() / "bench-exports" / name
     if not (out / "export.json").is_file():
         print(f"exporting the {label} pair to {out} (once) ...", flush=True)
-        export_graphs(target_dir, draft_dir, out)
+        export_graphs(target_dir, draft_dir, out, draft_vocab=draft_vocab)
     return out

@@ -8,6 +8,7 @@ by prompt. Greedy decoding is lossless, so both must produce the same text (colu
 
     python bench/acceptance.py [--per-domain 20] [--max-new-tokens 128] [--threads N]
                                [--dspark DIR] [--dflash DIR] [--target DIR] [--prompts FILE ...]
+                               [--draft-vocab N]
 
 Each pair is exported once into the dspark-export cache (`<cache>/acceptance/<drafter>-<hash>`,
 keyed by the drafter's and the target's files); results go to bench/results/acceptance.json.
@@ -65,11 +66,15 @@ def main() -> None:
                         help="DSpark drafter (default: the shipped reference drafter)")
     parser.add_argument("--dflash", type=Path, default=None,
                         help=f"DFlash ablation drafter (default: <cache>/{DFLASH_NAME})")
+    parser.add_argument("--draft-vocab", type=int, default=None,
+                        help="draft vocabulary for both drafters (default: each as trained; "
+                             "0 = the full vocabulary)")
     parser.add_argument("--prompts", type=Path, action="append", default=[],
                         help="prompt file, one domain each (default: ../shared/eval)")
     parser.add_argument("--out", type=Path, default=RESULTS / "acceptance.json")
     args = parser.parse_args()
 
+    from dspark_export.models.draft_vocab import trained_draft_vocab
     from dspark_export.profile import ModeSpec, ProfileError, load_eval_prompts, run_modes
     from dspark_export.reference import cache_dir, reference_draft_dir
     from dspark_runtime.pipeline import Pipeline
@@ -86,9 +91,12 @@ def main() -> None:
     except ProfileError as exc:
         sys.exit(str(exc))
 
-    pipes = {name: Pipeline.from_bundle(cached_export(args.target, folder, name), backend="cpu",
-                                        threads=args.threads)
-             for name, folder in (("dspark", dspark_dir), ("dflash", dflash_dir))}
+    folders = {"dspark": dspark_dir, "dflash": dflash_dir}
+    vocabs = {name: trained_draft_vocab(folder) if args.draft_vocab is None else args.draft_vocab
+              for name, folder in folders.items()}
+    pipes = {name: Pipeline.from_bundle(cached_export(args.target, folder, name, vocabs[name]),
+                                        backend="cpu", threads=args.threads)
+             for name, folder in folders.items()}
     if pipes["dspark"].gamma != pipes["dflash"].gamma:
         print(f"warning: block sizes differ (DSpark {pipes['dspark'].gamma}, DFlash "
               f"{pipes['dflash'].gamma}): tau is not like for like", flush=True)
@@ -132,8 +140,8 @@ def main() -> None:
         "settings": {"per_domain": args.per_domain, "max_new_tokens": args.max_new_tokens,
                      "temperature": 0.0, "batch": 1, "threads": args.threads, "gamma": gamma,
                      "schedule": "fixed (whole block)", "backend": "onnxruntime cpu fp32"},
-        "drafters": {"dspark": {"dir": str(dspark_dir), "training": _training(dspark_dir)},
-                     "dflash": {"dir": str(dflash_dir), "training": _training(dflash_dir)}},
+        "drafters": {name: {"dir": str(folder), "draft_vocab": vocabs[name],
+                            "training": _training(folder)} for name, folder in folders.items()},
         "tau_ratio_macro": macro,
         "domains": domains, "runs": body["runs"]}, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -34,7 +34,7 @@ from dspark_export.distill_data import (
     corpus_digest,
     load_prompts,
 )
-from dspark_export.distill_loss import block_loss, dspark_loss
+from dspark_export.distill_loss import TargetHead, block_loss, dspark_loss
 from dspark_export.models.draft import load_drafter, make_random_drafter, save_drafter
 from dspark_export.models.target import TargetAdapter
 
@@ -305,6 +305,25 @@ def test_fused_head_loss_equals_the_plain_loss_and_its_gradients(tiny, head):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_target_head_keeps_the_full_softmax_on_the_draft_vocabulary(compiled):
+    """q on the scored tokens is softmax over ALL tokens; rest is the mass left outside."""
+    gen = torch.Generator().manual_seed(6)
+    weight, hidden = torch.randn(50, 8, generator=gen), torch.randn(7, 8, generator=gen)
+    full = torch.softmax(hidden @ weight.t(), dim=-1)
+    vocab = torch.tensor([1, 4, 9, 30, 49])
+    head = TargetHead(weight, vocab)
+    got = head.distributions(hidden, chunk=3, compiled=compiled)
+    torch.testing.assert_close(got.probs, full[:, vocab])
+    torch.testing.assert_close(got.rest, 1 - full[:, vocab].sum(-1))
+    argmax = full.argmax(-1)
+    local = {int(t): i for i, t in enumerate(vocab)}
+    assert got.top.tolist() == [local.get(int(t), -1) for t in argmax]
+    whole = TargetHead(weight).distributions(hidden)
+    torch.testing.assert_close(whole.probs, full)
+    assert whole.top.tolist() == argmax.tolist() and float(whole.rest.abs().max()) == 0.0
+
+
 # ----------------------------------------------------------------------------- training runs
 
 
@@ -333,6 +352,31 @@ def test_distill_lowers_loss_and_writes_a_loadable_deepspec_checkpoint(tiny):
     drafter = load_drafter(out, target.config, target.get_input_embeddings(),
                            target.get_output_embeddings())
     assert drafter.config.target_layer_ids == record["drafter"]["target_layer_ids"]
+
+
+def test_distill_for_a_draft_vocabulary_records_it_and_deploys_it(tiny):
+    """--draft-vocab: trained over the chosen tokens, token counts saved, the same vocabulary
+    rebuilt when the pair is loaded with that size."""
+    from dspark_export.models.draft_vocab import (
+        TOKEN_COUNTS_NAME,
+        read_token_counts,
+        select_draft_vocab,
+        trained_draft_vocab,
+    )
+    from dspark_export.pair import load_pair
+
+    out = _run(tiny, tiny["root"] / "vocab", steps=24, draft_vocab=40)
+    record = json.loads((out / "training.json").read_text())
+    assert record["heldout"]["final"]["loss"] < 0.9 * record["heldout"]["per_epoch"][0]["loss"]
+    assert record["drafter"]["trained_for_draft_vocab"]["size"] == 40
+    assert 0 < record["drafter"]["trained_for_draft_vocab"]["coverage"] <= 1
+    assert trained_draft_vocab(out) == 40 and (out / TOKEN_COUNTS_NAME).is_file()
+    pair = load_pair(tiny["target"], out, draft_vocab=40)
+    counts = read_token_counts(out, pair.drafter.config.vocab_size)
+    assert pair.drafter.draft_vocab.tolist() == \
+        select_draft_vocab(counts, 40, pair.stop_ids()).tolist()
+    with pytest.raises(DistillError, match="draft_vocab"):
+        _run(tiny, tiny["root"] / "bad-vocab", steps=2, draft_vocab=-1)
 
 
 def test_resume_continues_from_the_checkpoint(tiny, monkeypatch):

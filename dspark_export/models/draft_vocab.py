@@ -89,3 +89,12 @@ def coverage(counts: np.ndarray, vocab: np.ndarray) -> float:
     """Share of counted tokens that the vocabulary holds."""
     total = int(np.asarray(counts).sum())
     return float(np.asarray(counts)[vocab].sum() / total) if total else 0.0
+
+
+def trained_draft_vocab(draft_dir: Path | str) -> int:
+    """The draft vocabulary size the drafter was trained for (its training.json), else 0."""
+    path = Path(draft_dir) / "training.json"
+    if not path.is_file():
+        return 0
+    record = (json.loads(path.read_text()).get("drafter") or {}).get("trained_for_draft_vocab")
+    return int(record["size"]) if record else 0
