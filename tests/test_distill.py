@@ -196,16 +196,22 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(1.0, 1.0, 0.04) == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("head", ["vanilla", "rnn", None])
-def test_training_rows_equal_the_inference_path(tiny, head):
-    """Packed training rows == adapter features + backbone + teacher-forced Markov steps."""
+def _model_and_drafter(tiny, head, seed: int):
+    """The tiny fp32 target, a random block-4 drafter with `head` (None: DFlash), its taps."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny["target"], dtype=torch.float32).eval()
     layer_ids = [0, 2]
     drafter = make_random_drafter(model.config, block_size=4, target_layer_ids=layer_ids,
                                   markov_rank=0 if head is None else 8,
-                                  markov_head_type=head or "vanilla", seed=1)
+                                  markov_head_type=head or "vanilla", seed=seed)
+    return model, drafter, layer_ids
+
+
+@pytest.mark.parametrize("head", ["vanilla", "rnn", None])
+def test_training_rows_equal_the_inference_path(tiny, head):
+    """Packed training rows == adapter features + backbone + teacher-forced Markov steps."""
+    model, drafter, layer_ids = _model_and_drafter(tiny, head, seed=1)
     with torch.no_grad():
         for name, p in drafter.named_parameters():
             if not name.endswith("norm.weight"):
@@ -258,19 +264,13 @@ def test_training_rows_equal_the_inference_path(tiny, head):
 @pytest.mark.parametrize("head", ["vanilla", "gated", "rnn", None])
 def test_fused_head_loss_equals_the_plain_loss_and_its_gradients(tiny, head):
     """block_terms (chunked, recomputing backward) == dspark_loss on materialised logits."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny["target"], dtype=torch.float32).eval()
-    layer_ids = [0, 2]
-    drafter = make_random_drafter(model.config, block_size=4, target_layer_ids=layer_ids,
-                                  markov_rank=0 if head is None else 8,
-                                  markov_head_type=head or "vanilla", seed=3)
+    model, drafter, layer_ids = _model_and_drafter(tiny, head, seed=3)
     drafter.set_target_weights(model.get_input_embeddings(), model.get_output_embeddings())
     drafter.lm_head.requires_grad_(False)
     ids = torch.randint(3, 256, (3, 20), generator=torch.Generator().manual_seed(4))
     loss_mask = torch.zeros_like(ids, dtype=torch.bool)
     loss_mask[:, 6:] = True
-    batch = Batch(ids, torch.ones_like(ids), loss_mask, np.arange(2))
+    batch = Batch(ids, torch.ones_like(ids), loss_mask, np.arange(3))
     anchors, keep = sample_anchors(loss_mask, 6, torch.Generator().manual_seed(5))
     rows = build_rows(batch, anchors, keep, 4)
     with torch.no_grad():
