@@ -81,6 +81,8 @@ def _layer_ids(ctx, param, value):
 @click.option("--draft-vocab", default=0, show_default=True, type=click.IntRange(min=0),
               help="Train for a draft vocabulary of the N most frequent answer tokens "
                    "(deploy with the same size: a profile's draft_vocab); 0 = full vocabulary.")
+@click.option("--init", "init_from", type=DIR, default=None,
+              help="Start from this drafter's weights (same architecture) and train it further.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--checkpoint-every", default=200, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-resume", is_flag=True, help="Ignore checkpoints in OUT/.checkpoints.")
@@ -90,7 +92,8 @@ def distill(target_dir, out_dir, block_size, num_layers, markov_rank, markov_hea
             no_confidence_head, dflash, target_layer_ids, prompts_file, data_file, tokens,
             max_response_tokens, gen_batch_size, steps, epochs, lr, batch_size, anchors,
             ce_weight, tv_weight, confidence_weight, train_time_budget_s, gen_time_budget_s,
-            device, dtype, draft_vocab, seed, checkpoint_every, no_resume, overwrite, quiet) -> None:
+            device, dtype, draft_vocab, init_from, seed, checkpoint_every, no_resume, overwrite,
+            quiet) -> None:
     """Train a DSpark drafter on the target's own answers (DeepSpec's objective), resumably."""
     from dspark_export.distill import CE_WEIGHT, TV_WEIGHT, DistillError
     from dspark_export.distill import distill as run_distill
@@ -119,6 +122,7 @@ def distill(target_dir, out_dir, block_size, num_layers, markov_rank, markov_hea
             confidence_weight=0.0 if no_confidence_head else confidence_weight,
             device=device, dtype=dtype, seed=seed, resume=not no_resume, overwrite=overwrite,
             progress=not quiet, checkpoint_every=checkpoint_every, draft_vocab=draft_vocab,
+            init_from=init_from,
             gen_time_budget_s=gen_time_budget_s, train_time_budget_s=train_time_budget_s,
             command=command, log=click.echo,
         )

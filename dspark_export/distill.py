@@ -142,6 +142,7 @@ class DistillSettings:
     heldout_fraction: float = 0.03
     checkpoint_every: int = 200
     draft_vocab: int = 0  # > 0: train for a draft vocabulary of that many tokens
+    init_from: str | None = None  # a drafter folder whose weights training starts from
 
     def validate(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -452,17 +453,13 @@ def block_terms(drafter: DSparkDrafter, out: BlockOutputs, target_last: torch.Te
     key = (rows.seq[:, None] * length + rows.pred_index)[sel]
     positions, index = torch.unique(key, return_inverse=True)
     markov = drafter.markov_head
-    lm_weight = drafter.lm_head.weight
+    lm_weight = head.draft_lm_weight  # frozen: its draft-vocabulary rows are gathered once
     w2_weight = None if markov is None else markov.markov_w2.weight
     labels = rows.labels[sel]
     scored = torch.ones_like(labels, dtype=torch.bool)
     if vocab is not None:
-        lm_weight = lm_weight[vocab]
-        w2_weight = None if w2_weight is None else w2_weight[vocab]
-        local = torch.full((drafter.config.vocab_size,), -1, dtype=torch.long,
-                           device=labels.device)
-        local[vocab] = torch.arange(vocab.numel(), device=labels.device)
-        labels = local[labels]
+        w2_weight = None if w2_weight is None else w2_weight[vocab]  # trained: per step
+        labels = head.local_index[labels]
         scored = labels >= 0
         labels = labels.clamp(min=0)
     compiled = lm_weight.shape[0] >= COMPILE_MIN_VOCAB
@@ -747,6 +744,51 @@ def _prepare_prompts(prompts_file: Path | None, tokens: int, seed: int):
     return prompts, corpus
 
 
+# Config fields that must agree for one drafter's weights to start another's training.
+_ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "num_key_value_heads", "head_dim", "block_size",
+                        "target_layer_ids", "markov_rank", "markov_head_type",
+                        "enable_confidence_head", "confidence_head_with_markov", "vocab_size")
+
+
+def init_weights_from(drafter: DSparkDrafter, init_dir: Path, target,
+                      trainable: list[tuple[str, torch.nn.Parameter]]) -> dict:
+    """Copy an earlier drafter's trainable weights into `drafter` (continued training).
+
+    The architectures must match field by field; the record returned (folder, weight digests,
+    the earlier run's command and steps) goes into training.json so the lineage is stated.
+    """
+    from dspark_export.models.draft import load_drafter
+
+    if not (init_dir / "config.json").is_file():
+        raise DistillError(f"{init_dir}: no config.json; expected a DeepSpec drafter folder")
+    source = load_drafter(init_dir, target.config, target.get_input_embeddings().weight,
+                          target.get_output_embeddings().weight)
+    mine, theirs = drafter.config.raw, source.config.raw
+    for field in _ARCHITECTURE_FIELDS:
+        if mine.get(field) != theirs.get(field):
+            raise DistillError(
+                f"{init_dir / 'config.json'}: {field} is {theirs.get(field)!r}, but this run "
+                f"trains {mine.get(field)!r}; --init needs a drafter of the same architecture")
+    weights = dict(source.named_parameters())
+    with torch.no_grad():
+        for name, param in trainable:
+            param.copy_(weights[name].to(param.dtype))
+    record: dict = {"dir": str(init_dir),
+                    "files": {f.name: _sha256(f) for f in weight_files(init_dir)}}
+    earlier = init_dir / TRAINING_JSON
+    if earlier.is_file():
+        try:
+            previous = json.loads(earlier.read_text())
+        except json.JSONDecodeError as exc:
+            raise DistillError(f"{earlier}: not valid JSON ({exc})") from exc
+        record["command"] = previous.get("command")
+        record["training"] = previous.get("training")
+        record["heldout_final"] = (previous.get("heldout") or {}).get("final")
+        record["init_from"] = (previous.get("drafter") or {}).get("init_from")
+    return record
+
+
 def _run_rows(drafter, teacher: Teacher, batch: Batch, anchors, keep, settings, den, amp):
     """Forward one group of sequences; returns (loss, stats) or None without anchors."""
     rows = build_rows(batch, anchors, keep, settings.block_size)
@@ -848,6 +890,7 @@ def distill(
     checkpoint_every: int = 200,
     heldout_fraction: float = 0.03,
     draft_vocab: int = 0,
+    init_from: Path | str | None = None,
     gen_time_budget_s: float | None = None,
     train_time_budget_s: float | None = None,
     keep_checkpoints: bool = False,
@@ -862,7 +905,9 @@ def distill(
     seconds (the schedule then follows elapsed time, and training stops gracefully when the
     budget is spent). `draft_vocab` > 0 trains the drafter for the draft vocabulary of that
     many of the target's most frequent answer tokens (what `--draft-vocab` / a profile's
-    `draft_vocab` of the same size deploys; block_terms). Returns `out_dir`, which holds
+    `draft_vocab` of the same size deploys; block_terms). `init_from` starts from the
+    weights of an earlier drafter of the same architecture (to train it further; the
+    schedule restarts). Returns `out_dir`, which holds
     `config.json`, `model.safetensors` (fp16, no embeddings/lm_head), `token_counts.json` and
     `training.json`.
     """
@@ -880,6 +925,7 @@ def distill(
         confidence_weight=confidence_weight if confidence_head else 0.0,
         loss_decay_gamma=loss_decay_gamma, seed=seed, heldout_fraction=heldout_fraction,
         checkpoint_every=checkpoint_every, draft_vocab=draft_vocab,
+        init_from=None if init_from is None else str(Path(init_from).resolve()),
     )
     settings.validate()
     for name, budget in (("gen_time_budget_s", gen_time_budget_s),
@@ -983,8 +1029,12 @@ def distill(
         drafter.set_target_weights(target.get_input_embeddings(), target.get_output_embeddings())
         drafter.embed_tokens.requires_grad_(False)
         drafter.lm_head.requires_grad_(False)
-        drafter.to(dev).train()
         trainable = [(n, p) for n, p in drafter.named_parameters() if p.requires_grad]
+        init_record = None
+        if settings.init_from is not None:
+            init_record = init_weights_from(drafter, Path(settings.init_from), target, trainable)
+            reporter.log(f"starting from the weights of {settings.init_from}")
+        drafter.to(dev).train()
         optimizer = torch.optim.AdamW(
             [p for _, p in trainable], lr=settings.lr, weight_decay=settings.weight_decay,
             **({"fused": True} if dev.type == "cuda" else {}),
@@ -1113,6 +1163,7 @@ def distill(
             "weights_dtype": "float16", "weights_bytes": int(size),
             "files": {f.name: _sha256(f) for f in files},
             "trained_for_draft_vocab": vocab_record,
+            "init_from": init_record,
         },
         "objective": {
             "ce_weight": settings.ce_weight, "tv_weight": settings.tv_weight,

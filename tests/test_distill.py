@@ -405,6 +405,26 @@ def test_distill_for_a_draft_vocabulary_records_it_and_deploys_it(tiny):
         _run(tiny, tiny["root"] / "bad-vocab", steps=2, draft_vocab=-1)
 
 
+def test_init_continues_training_from_an_earlier_drafter(tiny):
+    """--init: the run starts where the earlier drafter ended (its initial held-out loss is the
+    earlier final one), records the lineage, and refuses another architecture by field."""
+    first = _run(tiny, tiny["root"] / "first", steps=12)
+    earlier = json.loads((first / "training.json").read_text())
+    out = _run(tiny, tiny["root"] / "second", steps=6, init_from=first)
+    record = json.loads((out / "training.json").read_text())
+    start = record["heldout"]["per_epoch"][0]
+    assert start["step"] == 0
+    assert start["loss"] == pytest.approx(earlier["heldout"]["final"]["loss"], rel=1e-3)
+    assert start["loss"] < 0.9 * earlier["heldout"]["per_epoch"][0]["loss"]
+    lineage = record["drafter"]["init_from"]
+    assert lineage["dir"] == str(first.resolve())
+    assert lineage["training"]["steps"] == 12
+    assert lineage["files"]["model.safetensors"] == \
+        earlier["drafter"]["files"]["model.safetensors"]
+    with pytest.raises(DistillError, match="markov_rank is 8.*trains 4"):
+        _run(tiny, tiny["root"] / "other", steps=2, markov_rank=4, init_from=first)
+
+
 def test_resume_continues_from_the_checkpoint(tiny, monkeypatch):
     reference = _run(tiny, tiny["root"] / "straight", steps=8, checkpoint_every=3)
     calls = {"n": 0}
