@@ -236,6 +236,7 @@ class _HeadTerms(torch.autograd.Function):
         ctx.save_for_backward(hidden, w2_input, lm_weight, w2_weight, target_probs,
                               target_index, labels, lse, logits)
         ctx.chunk, ctx.compiled = chunk, compiled
+        ctx.weight, ctx.mm = weight, mm  # [W_lm, W2] once per step, not again in backward
         ctx.mark_non_differentiable(match)
         return ce, l1, match
 
@@ -244,7 +245,7 @@ class _HeadTerms(torch.autograd.Function):
         hidden, w2_input, lm_weight, w2_weight, target_probs, target_index, labels, lse, \
             logits = ctx.saved_tensors
         need = ctx.needs_input_grad
-        weight, mm = _joint_weight(lm_weight, w2_weight, hidden.dtype)
+        weight, mm = ctx.weight, ctx.mm
         width = hidden.shape[1]  # d: the split of d_input into hidden and Markov parts
         d_input = torch.empty(hidden.shape[0], weight.shape[1], dtype=torch.float32,
                               device=hidden.device)
@@ -294,15 +295,25 @@ def _target_terms(logits: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.
 
 class TargetHead:
     """The target's frozen lm_head, cast once to the matmul dtype, with the scored tokens
-    first so that q on them is one contiguous slice of the logits (no gather over [U, V])."""
+    first so that q on them is one contiguous slice of the logits (no gather over [U, V]).
+
+    It also holds, built once, what the drafter's side needs for a draft vocabulary: the
+    lm_head rows of the scored tokens (`draft_lm_weight`, in lm_head's own dtype) and the map
+    from token id to scored index, -1 outside (`local_index`)."""
 
     def __init__(self, lm_weight: torch.Tensor, vocab: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None):
         self.vocab = vocab
         weight = lm_weight.detach()
+        self.draft_lm_weight = weight
+        self.local_index = None
         if vocab is not None:
             others = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
             others[vocab] = False
+            self.draft_lm_weight = weight[vocab]
+            self.local_index = torch.full((weight.shape[0],), -1, dtype=torch.long,
+                                          device=weight.device)
+            self.local_index[vocab] = torch.arange(vocab.numel(), device=weight.device)
             weight = weight[torch.cat([vocab, others.nonzero().squeeze(1)])]
         self.weight = weight.to(dtype or weight.dtype).contiguous()
         self.kept = weight.shape[0] if vocab is None else vocab.numel()
