@@ -160,7 +160,7 @@ def simulate(pair: ChainPair, make_scheduler: Callable[[], object], *, generatio
     >= `start_round`; the observation is (anchor committed before that round, those tokens).
     """
     rng = np.random.default_rng(seed)
-    v, g = pair.vocab, pair.gamma
+    g = pair.gamma
     rows = generations * batch
     log_p = np.log(pair.p).astype(np.float32)
     q32 = pair.q.astype(np.float32)
