@@ -67,8 +67,10 @@ from dspark_export.distill_data import (
     target_signature,
 )
 from dspark_export.models.draft import (
+    CONFIG_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
+    DSparkConfig,
     DSparkDrafter,
     default_target_layer_ids,
     make_random_drafter,
@@ -760,8 +762,6 @@ def init_weights_from(drafter: DSparkDrafter, init_dir: Path, target,
     """
     from dspark_export.models.draft import load_drafter
 
-    if not (init_dir / "config.json").is_file():
-        raise DistillError(f"{init_dir}: no config.json; expected a DeepSpec drafter folder")
     source = load_drafter(init_dir, target.config, target.get_input_embeddings().weight,
                           target.get_output_embeddings().weight)
     mine, theirs = drafter.config.raw, source.config.raw
@@ -944,6 +944,8 @@ def distill(
     if not (target_dir / "config.json").is_file():
         raise DistillError(f"{target_dir}: no config.json; expected a Hugging Face model folder")
     out_dir = Path(out_dir)
+    if settings.init_from is not None:  # fail before generation, not hours into it
+        DSparkConfig.from_file(Path(settings.init_from) / CONFIG_NAME)
     checkpoint_path = _check_out_dir(out_dir, resume, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     if settings.batch_size is None:

@@ -308,13 +308,12 @@ class TargetHead:
         self.draft_lm_weight = weight
         self.local_index = None
         if vocab is not None:
-            others = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
-            others[vocab] = False
             self.draft_lm_weight = weight[vocab]
             self.local_index = torch.full((weight.shape[0],), -1, dtype=torch.long,
                                           device=weight.device)
             self.local_index[vocab] = torch.arange(vocab.numel(), device=weight.device)
-            weight = weight[torch.cat([vocab, others.nonzero().squeeze(1)])]
+            others = (self.local_index < 0).nonzero().squeeze(1)
+            weight = weight[torch.cat([vocab, others])]
         self.weight = weight.to(dtype or weight.dtype).contiguous()
         self.kept = weight.shape[0] if vocab is None else vocab.numel()
 

@@ -423,6 +423,11 @@ def test_init_continues_training_from_an_earlier_drafter(tiny):
         earlier["drafter"]["files"]["model.safetensors"]
     with pytest.raises(DistillError, match="markov_rank is 8.*trains 4"):
         _run(tiny, tiny["root"] / "other", steps=2, markov_rank=4, init_from=first)
+    from dspark_export.models.draft import DraftError
+
+    with pytest.raises(DraftError, match="drafter config not found"):  # before any work
+        _run(tiny, tiny["root"] / "no-init", steps=2, init_from=tiny["root"] / "missing")
+    assert not (tiny["root"] / "no-init").exists()
 
 
 def test_resume_continues_from_the_checkpoint(tiny, monkeypatch):
