@@ -23,6 +23,21 @@ def _layer_ids(ctx, param, value):
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _mix(ctx, param, value):
+    if value is None:
+        return None
+    mix = {}
+    for part in value.replace(" ", "").split(","):
+        name, sep, weight = part.partition("=")
+        try:
+            mix[name] = float(weight)
+        except ValueError:
+            raise click.BadParameter(f"expected SOURCE=WEIGHT pairs, got {part!r}") from None
+        if not sep:
+            raise click.BadParameter(f"expected SOURCE=WEIGHT pairs, got {part!r}")
+    return mix
+
+
 @click.command("distill")
 @click.option("--target", "target_dir", type=DIR, default=None,
               help="Hugging Face target folder (default: the reference SmolLM2-135M-Instruct).")
@@ -45,6 +60,10 @@ def _layer_ids(ctx, param, value):
 @click.option("--prompts", "prompts_file", type=FILE, default=None,
               help="Prompt file (jsonl with 'prompt' or 'turns', or one prompt a line) "
                    "instead of the built-in offline corpus.")
+@click.option("--mix", callback=_mix, default=None,
+              help="Weights of the built-in corpus's sources, e.g. "
+                   "'math=0.3,code=0.2,code_tasks=0.4,chat=0.1' (code_tasks: typed functions "
+                   "with doctests; default math 0.35, code 0.35, chat 0.3).")
 @click.option("--data", "data_file", type=FILE, default=None,
               help="Generation data file to create, extend or reuse (default: in the cache).")
 @click.option("--tokens", default=200_000, show_default=True, type=click.IntRange(min=1),
@@ -89,7 +108,7 @@ def _layer_ids(ctx, param, value):
 @click.option("--overwrite", is_flag=True, help="Replace a finished drafter in OUT.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def distill(target_dir, out_dir, block_size, num_layers, markov_rank, markov_head_type,
-            no_confidence_head, dflash, target_layer_ids, prompts_file, data_file, tokens,
+            no_confidence_head, dflash, target_layer_ids, prompts_file, mix, data_file, tokens,
             max_response_tokens, gen_batch_size, steps, epochs, lr, batch_size, anchors,
             ce_weight, tv_weight, confidence_weight, train_time_budget_s, gen_time_budget_s,
             device, dtype, draft_vocab, init_from, seed, checkpoint_every, no_resume, overwrite,
@@ -115,7 +134,7 @@ def distill(target_dir, out_dir, block_size, num_layers, markov_rank, markov_hea
             target_dir, out_dir, block_size=block_size, num_layers=num_layers,
             markov_rank=markov_rank, markov_head_type=markov_head_type,
             confidence_head=not no_confidence_head, target_layer_ids=target_layer_ids,
-            tokens=tokens, prompts_file=prompts_file, data_file=data_file,
+            tokens=tokens, prompts_file=prompts_file, mix=mix, data_file=data_file,
             max_response_tokens=max_response_tokens, gen_batch_size=gen_batch_size,
             epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, anchors=anchors,
             ce_weight=ce_weight, tv_weight=tv_weight,

@@ -60,6 +60,7 @@ from dspark_export.distill_data import (
     DistillDataError,
     Prompt,
     build_corpus,
+    check_mix,
     corpus_digest,
     generate_responses,
     load_data,
@@ -733,16 +734,19 @@ def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     return None
 
 
-def _prepare_prompts(prompts_file: Path | None, tokens: int, seed: int):
+def _prepare_prompts(prompts_file: Path | None, tokens: int, seed: int,
+                     mix: dict[str, float] | None = None):
     if prompts_file is not None:
         prompts = load_prompts(prompts_file)
         corpus = {"source": str(prompts_file), "digest": corpus_digest(prompts),
                   "prompts": len(prompts)}
     else:
         count = int(min(60_000, max(256, tokens // 24)))
-        prompts = build_corpus(count, seed)
+        prompts = build_corpus(count, seed, mix)
         corpus = {"source": "builtin", "seed": seed, "prompts": count,
                   "python": platform.python_version(), "digest": corpus_digest(prompts)}
+        if mix is not None:
+            corpus["mix"] = dict(sorted(mix.items()))
     return prompts, corpus
 
 
@@ -865,6 +869,7 @@ def distill(
     target_layer_ids: list[int] | None = None,
     tokens: int = 200_000,
     prompts_file: Path | str | None = None,
+    mix: dict[str, float] | None = None,
     data_file: Path | str | None = None,
     max_response_tokens: int = 256,
     max_prompt_tokens: int = 512,
@@ -907,7 +912,9 @@ def distill(
     many of the target's most frequent answer tokens (what `--draft-vocab` / a profile's
     `draft_vocab` of the same size deploys; block_terms). `init_from` starts from the
     weights of an earlier drafter of the same architecture (to train it further; the
-    schedule restarts). Returns `out_dir`, which holds
+    schedule restarts). `mix` weighs the built-in corpus's prompt sources
+    (distill_data.SOURCE_DOMAINS, e.g. {"code_tasks": 0.5, "math": 0.5}) for new data.
+    Returns `out_dir`, which holds
     `config.json`, `model.safetensors` (fp16, no embeddings/lm_head), `token_counts.json` and
     `training.json`.
     """
@@ -946,6 +953,13 @@ def distill(
     out_dir = Path(out_dir)
     if settings.init_from is not None:  # fail before generation, not hours into it
         DSparkConfig.from_file(Path(settings.init_from) / CONFIG_NAME)
+    if mix is not None:
+        if prompts_file is not None:
+            raise DistillError("a corpus mix applies to the built-in corpus, not to --prompts")
+        try:
+            mix = check_mix(mix)
+        except DistillDataError as exc:
+            raise DistillError(str(exc)) from exc
     checkpoint_path = _check_out_dir(out_dir, resume, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     if settings.batch_size is None:
@@ -980,7 +994,7 @@ def distill(
                                  data.meta["corpus"], reporter)
         else:
             prompts, corpus = _prepare_prompts(
-                None if prompts_file is None else Path(prompts_file), settings.tokens, seed)
+                None if prompts_file is None else Path(prompts_file), settings.tokens, seed, mix)
             data_path = Path(data_file) if data_file is not None else default_data_file(
                 target_dir, corpus["digest"], settings.max_response_tokens)
             t0 = time.perf_counter()

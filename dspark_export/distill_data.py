@@ -7,6 +7,8 @@ download and never reads the evaluation prompts in `../shared/eval/`:
   numbers (the answer format instruction of the GSM8K benchmark is used, never its questions);
 - code: tasks built from standard-library functions (`inspect` signatures and docstrings):
   "complete this function", "write a function that ...", "write tests for ...", "explain ...";
+  and, when a mix asks for them (`code_tasks`), typed functions with doctests
+  (distill_code_tasks.py);
 - chat: explanations and summaries of the language reference (`pydoc_data.topics`) and of
   module docstrings, plus writing, advice and explanation requests from small word lists.
 
@@ -37,8 +39,12 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from dspark_export.distill_code_tasks import code_task_prompts
+
 DOMAINS = ("math", "code", "chat")
 DEFAULT_MIX = {"math": 0.35, "code": 0.35, "chat": 0.30}
+# Prompt sources a mix can weigh, and the domain each one's prompts count under.
+SOURCE_DOMAINS = {"math": "math", "code": "code", "code_tasks": "code", "chat": "chat"}
 DATA_FORMAT = "dspark-distill-data/1"
 WAVE_SLOTS = 8  # a wave of prompts fills the decoding slots this many times
 # The evaluation prompts (never trained on); `load_prompts` refuses files from there.
@@ -541,23 +547,32 @@ def _chat_prompts(rng: random.Random) -> Iterator[str]:
         yield next(templates)
 
 
-def build_corpus(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> list[Prompt]:
-    """`n` distinct prompts drawn from the three domains in proportion `mix`, seeded.
+def check_mix(mix: dict[str, float]) -> dict[str, float]:
+    """`mix` as a dict, or an error naming what is wrong with it."""
+    mix = dict(mix)
+    unknown = set(mix) - set(SOURCE_DOMAINS)
+    if unknown or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise DistillDataError(
+            f"mix must give non-negative weights to {tuple(SOURCE_DOMAINS)}, got {mix}")
+    return mix
 
-    Domains are drawn at random for each slot, so any prefix has the same mix; a domain that
+
+def build_corpus(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> list[Prompt]:
+    """`n` distinct prompts drawn from the sources (SOURCE_DOMAINS) in proportion `mix`, seeded.
+
+    Sources are drawn at random for each slot, so any prefix has the same mix; a source that
     runs out of distinct prompts (code, at very large n) hands its slots to the others.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DistillDataError(f"the number of prompts must be a positive integer, got {n!r}")
-    mix = dict(DEFAULT_MIX if mix is None else mix)
-    unknown = set(mix) - set(DOMAINS)
-    if unknown or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
-        raise DistillDataError(f"mix must give non-negative weights to {DOMAINS}, got {mix}")
+    mix = check_mix(DEFAULT_MIX if mix is None else mix)
     rng = random.Random(seed)
     sources = {
         "math": _math_prompts(random.Random(rng.random())),
         "code": _code_prompts(random.Random(rng.random())),
         "chat": _chat_prompts(random.Random(rng.random())),
+        # its own seed stream, so adding it left the other sources' prompts as they were
+        "code_tasks": code_task_prompts(random.Random(f"code_tasks-{seed}")),
     }
     live = {d: w for d, w in mix.items() if w > 0}
     seen: set[str] = set()
@@ -567,10 +582,10 @@ def build_corpus(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> 
         if not live:
             raise DistillDataError(f"the corpus ran out of distinct prompts at {len(out)}")
         domains = sorted(live)
-        domain = rng.choices(domains, weights=[live[d] for d in domains])[0]
-        text = next(sources[domain], None)
+        source = rng.choices(domains, weights=[live[d] for d in domains])[0]
+        text = next(sources[source], None)
         if text is None:
-            del live[domain]
+            del live[source]
             continue
         if text in seen:
             misses += 1
@@ -578,7 +593,7 @@ def build_corpus(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> 
                 raise DistillDataError(f"the corpus ran out of distinct prompts at {len(out)}")
             continue
         seen.add(text)
-        out.append(Prompt(text, domain))
+        out.append(Prompt(text, SOURCE_DOMAINS[source]))
     return out
 
 

@@ -85,7 +85,7 @@ def test_corpus_is_the_same_in_every_process():
 
 @pytest.mark.skipif(not EVAL_DIR.is_dir(), reason="../shared/eval is not present")
 def test_corpus_contains_no_evaluation_prompt():
-    corpus = build_corpus(4000, seed=0)
+    corpus = build_corpus(4000, seed=0) + build_corpus(2000, seed=0, mix={"code_tasks": 1.0})
     texts = {p.text for p in corpus}
     blob = "\n".join(texts)
     rng = np.random.default_rng(0)
@@ -484,6 +484,8 @@ def test_resume_continues_from_the_checkpoint(tiny, monkeypatch):
     (dict(target_layer_ids=[0, 3]), "last layer"),
     (dict(target_layer_ids=[2, 1]), "increasing"),
     (dict(train_time_budget_s=0), "train_time_budget_s"),
+    (dict(mix={"cod": 1.0}), "mix must give"),
+    (dict(mix={"code": 1.0}, prompts_file="p.txt"), "built-in corpus"),
 ])
 def test_bad_arguments_raise_clear_errors(tiny, tmp_path, overrides, message):
     with pytest.raises(DistillError, match=message):
@@ -523,6 +525,11 @@ def test_cli_errors_and_dflash_recipe(tiny, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (seen["markov_rank"], seen["confidence_head"], seen["ce_weight"],
             seen["tv_weight"]) == (0, False, 1.0, 0.0)
+    result = runner.invoke(command, ["--out", str(tmp_path / "o"), "--mix",
+                                     "code_tasks=0.6,math=0.4"])
+    assert result.exit_code == 0 and seen["mix"] == {"code_tasks": 0.6, "math": 0.4}
+    result = runner.invoke(command, ["--out", str(tmp_path / "o"), "--mix", "code_tasks"])
+    assert result.exit_code != 0 and "SOURCE=WEIGHT" in result.output
 
 
 def test_shards_load_and_gpu_script_cpu_path(tiny, tmp_path):
