@@ -28,13 +28,11 @@ def _mix(ctx, param, value):
         return None
     mix = {}
     for part in value.replace(" ", "").split(","):
-        name, sep, weight = part.partition("=")
-        try:
+        name, _, weight = part.partition("=")
+        try:  # no "=" leaves weight empty, which float() refuses too
             mix[name] = float(weight)
         except ValueError:
             raise click.BadParameter(f"expected SOURCE=WEIGHT pairs, got {part!r}") from None
-        if not sep:
-            raise click.BadParameter(f"expected SOURCE=WEIGHT pairs, got {part!r}")
     return mix
 
 

@@ -10,7 +10,9 @@ Written from scratch, not taken from any benchmark.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import os.path
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -55,27 +57,11 @@ class _Task:
 
 
 def _run_lengths(text: str) -> list[tuple[str, int]]:
-    runs: list[tuple[str, int]] = []
-    for c in text:
-        if runs and runs[-1][0] == c:
-            runs[-1] = (c, runs[-1][1] + 1)
-        else:
-            runs.append((c, 1))
-    return runs
+    return [(c, len(list(run))) for c, run in itertools.groupby(text)]
 
 
 def _merge(left: list[int], right: list[int]) -> list[int]:
     return sorted(left + right)
-
-
-def _common_prefix(words: list[str]) -> str:
-    if not words:
-        return ""
-    first, last = min(words), max(words)
-    i = 0
-    while i < min(len(first), len(last)) and first[i] == last[i]:
-        i += 1
-    return first[:i]
 
 
 def _bits(rng: random.Random) -> str:
@@ -211,7 +197,8 @@ _TASKS: tuple[_Task, ...] = (
           lambda xs: ([x for x in xs if x % 2 == 0], [x for x in xs if x % 2])),
     _Task(("shared_prefix", "longest_common_start", "common_beginning"),
           (_Param(("words", "paths", "labels"), "List[str]", _words),), "str",
-          "Return the longest string that every element of {0} starts with.", _common_prefix),
+          "Return the longest string that every element of {0} starts with.",
+          os.path.commonprefix),
     _Task(("squares_below", "perfect_squares_under", "square_numbers_until"),
           (_Param(("limit", "bound", "ceiling"), "int", lambda r: r.randint(0, 90)),),
           "List[int]", "Return the perfect squares of positive integers that are less than {0}.",

@@ -581,8 +581,8 @@ def build_corpus(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> 
     while len(out) < n:
         if not live:
             raise DistillDataError(f"the corpus ran out of distinct prompts at {len(out)}")
-        domains = sorted(live)
-        source = rng.choices(domains, weights=[live[d] for d in domains])[0]
+        names = sorted(live)
+        source = rng.choices(names, weights=[live[name] for name in names])[0]
         text = next(sources[source], None)
         if text is None:
             del live[source]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import doctest
+import itertools
 import random
 import re
 
@@ -42,8 +43,8 @@ def test_task_prompts_are_python_whose_doctests_pass():
 
 
 def test_task_prompts_are_seeded_and_varied():
-    first = [next(s) for s in [tasks.code_task_prompts(random.Random(5))] for _ in range(50)]
-    again = [next(s) for s in [tasks.code_task_prompts(random.Random(5))] for _ in range(50)]
+    first = list(itertools.islice(tasks.code_task_prompts(random.Random(5)), 50))
+    again = list(itertools.islice(tasks.code_task_prompts(random.Random(5)), 50))
     assert first == again and len(set(first)) == 50
     names = {re.search(r"def (\w+)\(", p).group(1) for p in first}
     assert len(names) > 20
