@@ -7,7 +7,9 @@ outside graph runs). No timing asserts: figures drift ~15 % between runs on a sh
 
     python bench/runtime.py [--bundle DIR] [--per-set 2] [--max-new-tokens 128] [--threads N]
 
-Without --bundle the reference pair is exported once into the dspark-export cache.
+Without --bundle the reference pair is exported once into the dspark-export cache. DSpark
+runs the bundle's `auto` schedule (hardware-aware with an SPS table, which a cached export
+lacks: then the confidence threshold).
 """
 from __future__ import annotations
 

@@ -5,8 +5,7 @@ import json
 from pathlib import Path
 
 import click
-
-SCHEDULES = ("fixed", "threshold", "hardware", "async")
+from dspark_runtime.schedule import AUTO, SCHEDULER_NAMES
 
 
 def _summary(result, schedule: str) -> str:
@@ -28,9 +27,9 @@ def _summary(result, schedule: str) -> str:
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="0 is greedy.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--schedule", type=click.Choice(("auto", *SCHEDULES)), default="auto",
+@click.option("--schedule", type=click.Choice((AUTO, *SCHEDULER_NAMES)), default=AUTO,
               show_default=True, help="How many drafts the target verifies per step (auto: "
-              "hardware when the bundle has an SPS table, else fixed).")
+              "hardware when the bundle has an SPS table, else threshold).")
 @click.option("--threshold", default=None, type=click.FloatRange(0.0, 1.0),
               help="Confidence threshold of --schedule threshold (default 0.5).")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -52,12 +51,9 @@ def run(bundle: Path, prompt: str, max_new_tokens: int, temperature: float, seed
     from dspark_runtime.schedule import DEFAULT_THRESHOLD
 
     try:
-        pipe = Pipeline.from_bundle(bundle, backend=backend, threads=threads,
-                                    schedule="fixed" if schedule == "auto" else schedule,
+        pipe = Pipeline.from_bundle(bundle, backend=backend, threads=threads, schedule=schedule,
                                     threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
         prompt_ids = pipe.encode([prompt], raw=raw)
-        if schedule == "auto":
-            schedule = "hardware" if pipe.sps is not None else "fixed"
     except (BundleError, PromptError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -65,10 +61,10 @@ def run(bundle: Path, prompt: str, max_new_tokens: int, temperature: float, seed
         click.echo(text, nl=False)
 
     result = pipe.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                           seed=seed, target_only=target_only, schedule=schedule,
+                           seed=seed, target_only=target_only,
                            stream=None if as_json else stream)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
     click.echo("\n")
-    click.echo(_summary(result, "target-only" if target_only else schedule))
+    click.echo(_summary(result, "target-only" if target_only else pipe.schedule))

@@ -131,10 +131,10 @@ class ModeSpec:
 
 def profile_modes(pipe: Any) -> list[ModeSpec]:
     """The four modes of `dspark-export profile` on one pipeline."""
-    from dspark_runtime.schedule import FixedScheduler, make_scheduler
+    from dspark_runtime.schedule import FixedScheduler, auto_schedule, make_scheduler
 
     gamma = pipe.gamma
-    scheduled = "hardware" if pipe.sps is not None else "threshold"
+    scheduled = auto_schedule(pipe.sps)
     scheduler = make_scheduler(scheduled, gamma=gamma, sps=pipe.sps, threshold=pipe.threshold)
     why = ("hardware-aware (paper Algorithm 1, the bundle's SPS(B) table)" if pipe.sps is not None
            else f"confidence threshold {pipe.threshold:g} (the bundle has no SPS(B) table)")
@@ -284,6 +284,8 @@ def profile_bundle(pipe: Any, prompts: Mapping[str, Mapping[str, Any]], *, bundl
                    threads: int | None = None,
                    on_result: ResultCallback | None = None) -> dict[str, Any]:
     """The whole `profile` report (what profile.json holds) for a loaded pipeline."""
+    from dspark_runtime.schedule import auto_schedule
+
     modes = profile_modes(pipe)
     started = time.time()
     body = run_modes(modes, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -298,7 +300,7 @@ def profile_bundle(pipe: Any, prompts: Mapping[str, Mapping[str, Any]], *, bundl
         "settings": {"per_domain": max(len(p["prompts"]) for p in prompts.values()),
                      "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
                      "batch": 1, "gamma": pipe.gamma,
-                     "scheduler": "hardware" if pipe.sps is not None else "threshold",
+                     "scheduler": auto_schedule(pipe.sps),
                      "threshold": pipe.threshold,
                      "calibrated": pipe.calibration is not None},
         "modes": {m.name: {"label": m.label, "description": m.description} for m in modes},

@@ -21,7 +21,7 @@ from .bundle import Bundle, BundleError, read_manifest
 from .calibration import Calibration, sigmoid
 from .kv import KVCache
 from .sampling import RequestRandomness, select_tokens
-from .schedule import DEFAULT_THRESHOLD, Scheduler, make_scheduler
+from .schedule import AUTO, DEFAULT_THRESHOLD, Scheduler, auto_schedule, make_scheduler
 from .sps import SPSTable
 from .stats import GenerateResult, RequestOutput, StageTimer
 from .tokenizer import TextTokenizer
@@ -39,7 +39,7 @@ class Pipeline:
 
     def __init__(self, runners: dict[str, Any], tokenizer: TextTokenizer, *, mask_token_id: int,
                  context_limit: int, calibration: Calibration | None = None,
-                 sps: SPSTable | None = None, schedule: str = "fixed",
+                 sps: SPSTable | None = None, schedule: str = AUTO,
                  threshold: float = DEFAULT_THRESHOLD) -> None:
         self.runners, self.tokenizer = runners, tokenizer
         self.target, self.draft = runners["target"], runners["draft"]
@@ -48,16 +48,18 @@ class Pipeline:
         self.gamma = int(self.draft.input_shapes["block_ids"][1])
         self.mask_token_id, self.context_limit = mask_token_id, context_limit
         self.calibration, self.sps = calibration, sps
-        self.schedule, self.threshold = schedule, threshold
-        make_scheduler(schedule, gamma=self.gamma, threshold=threshold, sps=sps)  # fail early
+        self.schedule = auto_schedule(sps) if schedule == AUTO else schedule
+        self.threshold = threshold
+        make_scheduler(self.schedule, gamma=self.gamma, threshold=threshold, sps=sps)  # fail early
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, *, backend: str = "auto",
-                    schedule: str = "fixed", threshold: float = DEFAULT_THRESHOLD,
+                    schedule: str = AUTO, threshold: float = DEFAULT_THRESHOLD,
                     threads: int | None = None) -> Pipeline:
         """Load and check a bundle (or export folder). `backend`: auto, cpu or cuda, the device
         of an ONNX Runtime bundle (a TensorRT bundle runs on the GPU: auto or cuda); `threads`
-        overrides an ONNX Runtime bundle's intra-op thread count."""
+        overrides an ONNX Runtime bundle's intra-op thread count; `schedule` is the default of
+        `generate` (`auto`: hardware-aware with an SPS table, else the confidence threshold)."""
         if read_manifest(path)["backend"] == "tensorrt":
             from .backends.tensorrt import require_tensorrt
 
@@ -110,7 +112,8 @@ class Pipeline:
                  stream: StreamCallback | None = None) -> GenerateResult:
         """Generate for a batch. Every row uses `seed` (or its own from a list), so a row gives
         the same tokens alone or batched; token ids keep a final stop token, text drops it.
-        `schedule` is a scheduler name or an object with `verify_lengths` and `reset`."""
+        `schedule` is a scheduler name (default: the pipeline's; `auto` as in `auto_schedule`)
+        or an object with `verify_lengths` and `reset`."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompt_ids = self.encode(prompts, raw=raw)
@@ -120,7 +123,9 @@ class Pipeline:
         gamma = 0 if target_only else self.gamma
         scheduler = None if target_only else schedule
         if not target_only and not hasattr(schedule, "verify_lengths"):
-            scheduler = make_scheduler(schedule or self.schedule, gamma=gamma, sps=self.sps,
+            name = schedule or self.schedule
+            scheduler = make_scheduler(auto_schedule(self.sps) if name == AUTO else name,
+                                       gamma=gamma, sps=self.sps,
                                        threshold=self.threshold if threshold is None else threshold)
         if scheduler is not None:
             scheduler.reset()

@@ -21,6 +21,7 @@ import numpy as np
 from .sps import SPS_TABLE_FILENAME, SPSTable
 
 SCHEDULER_NAMES = ("fixed", "threshold", "hardware", "async")
+AUTO = "auto"
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -197,6 +198,13 @@ class AsyncScheduler:
 
     def reset(self) -> None:
         self._history.clear()
+
+
+def auto_schedule(sps: SPSTable | None) -> str:
+    """What `auto` means for a bundle: the hardware-aware scheduler when the bundle carries the
+    SPS(B) table it needs, else DeepSpec's static confidence threshold. Never `fixed`: verifying
+    the whole block every step is slower than the target alone when acceptance is low."""
+    return "hardware" if sps is not None else "threshold"
 
 
 def make_scheduler(name: str, *, gamma: int, threshold: float = DEFAULT_THRESHOLD,

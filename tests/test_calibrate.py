@@ -124,7 +124,7 @@ def test_calibrate_writes_verified_calibration(bundle, prompts_file):
 def test_recording_does_not_change_generation(built):
     from dspark_runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(built)
+    pipe = Pipeline.from_bundle(built, schedule="fixed")  # recording verifies the full block
     rounds = record_prompts(pipe, PROMPTS, max_new_tokens=16, batch_size=3)
     plain = (pipe.generate(PROMPTS[:3], max_new_tokens=16, seed=[0, 1, 2]).requests
              + pipe.generate(PROMPTS[3:], max_new_tokens=16, seed=[3, 4]).requests)

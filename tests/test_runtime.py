@@ -44,9 +44,10 @@ def tiny_export(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipe(tiny_export):
+    """Fixed full-block verification by default: what the PyTorch reference decoder does."""
     from dspark_runtime.pipeline import Pipeline
 
-    return Pipeline.from_bundle(tiny_export)
+    return Pipeline.from_bundle(tiny_export, schedule="fixed")
 
 
 @pytest.fixture(scope="session")
@@ -336,6 +337,7 @@ def test_cli_run_streams_then_reports(tiny_export):
                                       "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.output and "tau" in result.output
+    assert "schedule threshold" in result.output  # auto without an SPS table
     result = CliRunner().invoke(run, [str(tiny_export), "--prompt", PROMPTS[0], "--json",
                                       "--max-new-tokens", "8", "--temperature", "1"])
     payload = json.loads(result.output.strip().splitlines()[-1])
@@ -433,7 +435,7 @@ def test_draft_vocabulary_bundle_matches_the_restricted_reference(tiny_export, t
     out = export_graphs(root / "runtime_tiny_target", draft, tmp_path / "export", draft_vocab=64)
     record = json.loads((out / "export.json").read_text())["draft_vocab"]
     assert record["size"] == 64 and record["coverage"] == pytest.approx(1.0)
-    pipe = Pipeline.from_bundle(out)
+    pipe = Pipeline.from_bundle(out, schedule="fixed")
     pair = load_pair(root / "runtime_tiny_target", draft, draft_vocab=64)
     assert pair.drafter.draft_vocab.tolist() == list(range(64))  # stop id 2 is among them
     ids = pipe.encode([PROMPTS[0]])[0]

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from biased_schedulers import GlobalSearchScheduler
 from dspark_runtime.schedule import (
-    AsyncScheduler, FixedScheduler, HardwareScheduler, ThresholdScheduler, make_scheduler,
+    AsyncScheduler, FixedScheduler, HardwareScheduler, ThresholdScheduler, auto_schedule,
+    make_scheduler,
 )
 from dspark_runtime.sps import SPSTable
 
@@ -302,6 +303,11 @@ def test_make_scheduler():
         make_scheduler("fixed", gamma=7, length=8)
     with pytest.raises(ValueError, match="gamma"):
         make_scheduler("fixed", gamma=0)
+
+
+def test_auto_is_hardware_with_an_sps_table_else_threshold():
+    assert auto_schedule(flat()) == "hardware"
+    assert auto_schedule(None) == "threshold"  # never fixed: slower than target-only at low tau
 
 
 @pytest.mark.parametrize("conf, active, message", [
