@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 
 
-def _digest(paths: list[Path]) -> str:
+def files_digest(paths: list[Path]) -> str:
     sha = hashlib.sha256()
     for path in paths:
         sha.update(path.name.encode())
@@ -18,7 +18,7 @@ def _digest(paths: list[Path]) -> str:
     return sha.hexdigest()[:12]
 
 
-def _model_files(folder: Path) -> list[Path]:
+def model_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors"
                                       or p.name.endswith(".index.json")))
@@ -35,10 +35,10 @@ def cached_export(target_dir: Path | None, draft_dir: Path, label: str,
     if draft_vocab is None:
         draft_vocab = trained_draft_vocab(draft_dir)
     target = target_dir or reference_target_dir()
-    files = _model_files(Path(target)) + _model_files(draft_dir)
+    files = model_files(Path(target)) + model_files(draft_dir)
     if draft_vocab:
         files.append(draft_dir / TOKEN_COUNTS_NAME)
-    name = f"{draft_dir.name}-{_digest(files)}" + (f"-v{draft_vocab}" if draft_vocab else "")
+    name = f"{draft_dir.name}-{files_digest(files)}" + (f"-v{draft_vocab}" if draft_vocab else "")
     out = cache_dir() / "bench-exports" / name
     if not (out / "export.json").is_file():
         print(f"exporting the {label} pair to {out} (once) ...", flush=True)
