@@ -6,7 +6,7 @@ fp32, and the fp32 DSpark bundle (lossless) reaches 2x it. Absolute tokens/s dri
 days here, so every peer decodes every prompt in turn (alternated prompt by prompt) in one
 run, and the ratios are what to quote. Peers, all greedy, fp32, batch 1, `--max-new-tokens`:
 
-- `transformers`: eager PyTorch `generate` on the target folder (torch's default threads);
+- `transformers`: eager PyTorch `generate` on the target folder;
 - `genai`: onnxruntime-genai, its model built once from the same folder with its own builder
   (`python -m onnxruntime_genai.models.builder -p fp32 -e cpu`) into the dspark-export cache;
   skipped, with the reason, when `onnxruntime_genai` is not importable (it is not a dependency:
@@ -14,9 +14,10 @@ run, and the ratios are what to quote. Peers, all greedy, fp32, batch 1, `--max-
 - `target_only` and `dspark`: the bundle through `dspark_runtime` (`auto` schedule: the
   hardware-aware scheduler on the bundle's SPS table).
 
-Tokens/s is end to end per call (prefill included, the same clock for every peer): the new
-tokens of all prompts over the seconds of all calls. Prints one table, writes
-bench/results/peers.json. No timing asserts.
+Every peer gets `--threads` intra-op threads (default: one per core; onnxruntime-genai's own
+default measured 19 instead of 35 tokens/s on 2 cores). Tokens/s is end to end per call
+(prefill included, the same clock for every peer): the new tokens of all prompts over the
+seconds of all calls. Prints one table, writes bench/results/peers.json. No timing asserts.
 
     dspark-export build && python bench/peers.py [--bundle dspark-bundle] [--per-set 5]
 """
@@ -37,10 +38,11 @@ PEERS = ("transformers", "genai", "target_only", "dspark")
 Generate = Callable[[list[int], int], list[int]]
 
 
-def transformers_peer(target_dir: Path, stop_ids: list[int]) -> Generate:
+def transformers_peer(target_dir: Path, stop_ids: list[int], threads: int) -> Generate:
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
 
     def generate(ids: list[int], max_new: int) -> list[int]:
@@ -79,11 +81,14 @@ def genai_model_dir(target_dir: Path) -> Path:
     return out
 
 
-def genai_peer(target_dir: Path) -> Generate:
+def genai_peer(target_dir: Path, threads: int) -> Generate:
     import numpy as np
     import onnxruntime_genai as og
 
-    model = og.Model(str(genai_model_dir(target_dir)))
+    config = og.Config(str(genai_model_dir(target_dir)))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
 
     def generate(ids: list[int], max_new: int) -> list[int]:
         params = og.GeneratorParams(model)
@@ -132,6 +137,8 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=5, help="prompts per evaluation set")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)}")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="intra-op threads of every peer (default: os.cpu_count())")
     args = parser.parse_args()
 
     from dspark_runtime.pipeline import Pipeline
@@ -148,11 +155,11 @@ def main() -> None:
     if not (args.bundle / "manifest.json").is_file():
         sys.exit(f"{args.bundle}: no bundle (manifest.json missing); run `dspark-export build`")
     target_dir = args.target or reference_target_dir()
-    pipe = Pipeline.from_bundle(args.bundle, backend="cpu")
+    pipe = Pipeline.from_bundle(args.bundle, backend="cpu", threads=args.threads)
     stop_ids = sorted(pipe.tokenizer.stop_ids)
     makers: dict[str, Callable[[], Generate]] = {
-        "transformers": lambda: transformers_peer(target_dir, stop_ids),
-        "genai": lambda: genai_peer(target_dir),
+        "transformers": lambda: transformers_peer(target_dir, stop_ids, args.threads),
+        "genai": lambda: genai_peer(target_dir, args.threads),
         "target_only": lambda: runtime_peer(pipe, True),
         "dspark": lambda: runtime_peer(pipe, False)}
     peers, skipped = {}, {}
@@ -193,7 +200,8 @@ def main() -> None:
 
     domains = list(table)
     print(f"\ntokens/s end to end (greedy, fp32, batch 1, {args.max_new_tokens} new tokens, "
-          f"{args.per_set} prompts a set; dspark schedule: {pipe.schedule})")
+          f"{args.per_set} prompts a set, {args.threads} threads; dspark schedule: "
+          f"{pipe.schedule})")
     print(f"{'peer':14s}" + "".join(f"{d:>8s}" for d in domains)
           + f"{'vs genai':>10s}{'vs torch':>10s}{'same tokens':>13s}")
     base = table["all"]
@@ -210,7 +218,8 @@ def main() -> None:
     out = RESULTS / "peers.json"
     out.write_text(json.dumps({"started": started, "bundle": str(args.bundle),
                                "target": str(target_dir), "max_new_tokens": args.max_new_tokens,
-                               "per_set": args.per_set, "schedule": pipe.schedule,
+                               "per_set": args.per_set, "threads": args.threads,
+                               "schedule": pipe.schedule,
                                "skipped": skipped, "results": table},
                               indent=2))
     print(f"\nwrote {out}")
