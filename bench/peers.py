@@ -14,7 +14,7 @@ run, and the ratios are what to quote. Peers, all greedy, fp32, batch 1, `--max-
 - `target_only` and `dspark`: the bundle through `dspark_runtime` (`auto` schedule: the
   hardware-aware scheduler on the bundle's SPS table).
 
-Every peer gets `--threads` intra-op threads (default: one per core; onnxruntime-genai's own
+Every peer gets `--threads` intra-op threads (default: `os.cpu_count()`; onnxruntime-genai's own
 default measured 19 instead of 35 tokens/s on 2 cores). Tokens/s is end to end per call
 (prefill included, the same clock for every peer): the new tokens of all prompts over the
 seconds of all calls. Prints one table, writes bench/results/peers.json. No timing asserts.
