@@ -148,10 +148,10 @@ def main() -> None:
 
     chosen = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = sorted(set(chosen) - set(PEERS))
-    if unknown or "target_only" not in chosen:
-        sys.exit(f"--peers: unknown {unknown} (choose from {', '.join(PEERS)}; "
-                 "target_only is the reference and always runs)" if unknown else
-                 "--peers must include target_only: every peer's tokens are compared with it")
+    if unknown:
+        sys.exit(f"--peers: unknown {unknown}; choose from {', '.join(PEERS)}")
+    if "target_only" not in chosen:
+        sys.exit("--peers must include target_only: every peer's tokens are compared with it")
     if not (args.bundle / "manifest.json").is_file():
         sys.exit(f"{args.bundle}: no bundle (manifest.json missing); run `dspark-export build`")
     target_dir = args.target or reference_target_dir()

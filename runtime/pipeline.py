@@ -123,9 +123,7 @@ class Pipeline:
         gamma = 0 if target_only else self.gamma
         scheduler = None if target_only else schedule
         if not target_only and not hasattr(schedule, "verify_lengths"):
-            name = schedule or self.schedule
-            scheduler = make_scheduler(auto_schedule(self.sps) if name == AUTO else name,
-                                       gamma=gamma, sps=self.sps,
+            scheduler = make_scheduler(schedule or self.schedule, gamma=gamma, sps=self.sps,
                                        threshold=self.threshold if threshold is None else threshold)
         if scheduler is not None:
             scheduler.reset()

@@ -210,9 +210,12 @@ def auto_schedule(sps: SPSTable | None) -> str:
 
 def make_scheduler(name: str, *, gamma: int, threshold: float = DEFAULT_THRESHOLD,
                    sps: SPSTable | None = None, length: int | None = None) -> Scheduler:
-    """Build a scheduler by its user-facing name; `length` (fixed only) defaults to gamma."""
+    """Build a scheduler by its user-facing name (`auto`: `auto_schedule`); `length` (fixed
+    only) defaults to gamma."""
     if gamma < 1:
         raise ValueError(f"gamma (the draft block size) must be >= 1, got {gamma}")
+    if name == AUTO:
+        name = auto_schedule(sps)
     if name == "fixed":
         length = gamma if length is None else length
         if not 0 <= length <= gamma:

@@ -307,7 +307,9 @@ def test_make_scheduler():
 
 def test_auto_is_hardware_with_an_sps_table_else_threshold():
     assert auto_schedule(flat()) == "hardware"
-    assert auto_schedule(None) == "threshold"  # never fixed: slower than target-only at low tau
+    assert auto_schedule(None) == "threshold"
+    assert isinstance(make_scheduler("auto", gamma=7, sps=flat()), HardwareScheduler)
+    assert isinstance(make_scheduler("auto", gamma=7), ThresholdScheduler)  # never fixed: slower than target-only at low tau
 
 
 @pytest.mark.parametrize("conf, active, message", [
