@@ -381,8 +381,12 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor), name
     args = (torch.randn(2, BLOCK, VOCAB), torch.randn(2, BLOCK, HIDDEN), torch.tensor([4, 5]),
             torch.tensor([1.0, 0.0]), torch.rand(2, BLOCK))
-    for a, b in zip(model.markov_sample(*args), loaded.markov_sample(*args)):
-        assert torch.equal(a, b)
+    ids, probs, confidence = model.markov_sample(*args)
+    loaded_ids, loaded_probs, loaded_confidence = loaded.markov_sample(*args)
+    assert torch.equal(ids, loaded_ids)
+    # Same weights, other storage: a kernel may take another SIMD path and round 1 ulp apart.
+    torch.testing.assert_close(loaded_probs, probs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loaded_confidence, confidence, rtol=1e-6, atol=1e-6)
 
     with pytest.raises(DraftError, match="not empty"):
         save_drafter(model, out)
