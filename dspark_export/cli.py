@@ -117,12 +117,14 @@ def build(profile_name, target_dir, draft_dir, out_dir, draft_vocab) -> None:
     """Export, compile for a hardware profile, measure SPS(B) and write a bundle."""
     from dspark_export.build.pipeline import build_bundle
     from dspark_export.build.profiles import ProfileError, load_profile
-    from dspark_export.build.tensorrt_build import TensorRTBuildError, TensorRTUnavailable
+    from dspark_export.build.tensorrt_build import TensorRTBuildError
+    from dspark_runtime.backends import BackendUnavailable
 
     try:
         profile = load_profile(profile_name)
         out = build_bundle(profile, target_dir, draft_dir, out_dir, draft_vocab=draft_vocab)
-    except (ProfileError, TensorRTUnavailable, TensorRTBuildError, ValueError, FileNotFoundError) as exc:
+    except (ProfileError, BackendUnavailable, TensorRTBuildError, ValueError,
+            FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"bundle: {out}  (next: dspark-export run {out} --prompt \"...\")")
 
@@ -169,7 +171,32 @@ def inspect(bundle, as_json) -> None:
     click.echo(f"sps table    {manifest.get('sps_table')}  calibration {manifest.get('calibration')}")
     for tool, version in (manifest.get("tools") or {}).items():
         click.echo(f"  {tool:<12} {version}")
+    for key, why in (manifest.get("notes") or {}).items():
+        click.echo(f"note         no {key}: {why}")
+    if manifest.get("tensorrt"):
+        _echo_engines(manifest["tensorrt"])
     click.echo("runnable here: yes" if not problems else "runnable here: NO\n  " + "\n  ".join(problems))
+
+
+def _echo_engines(info: dict) -> None:
+    """What a TensorRT bundle's manifest knows of its engines (no GPU needed to read it)."""
+    targets = ", ".join(info.get("compute_capabilities") or [str(info.get("compute_capability"))])
+    click.echo(f"engines      {info.get('builder', 'TensorRT')} {info.get('version')}  targets "
+               f"{targets}  strongly typed {info.get('strongly_typed')}  SpecVerify "
+               f"{info.get('spec_verify', 'plugin')}")
+    for name, engine in (info.get("engines") or {}).items():
+        size = engine.get("bytes")
+        layers = f"{engine.get('network_layers')} network / {engine.get('engine_layers')} engine"
+        click.echo(f"  {name:<8} {engine['file']:<15} "
+                   f"{'?' if size is None else f'{size / 2**20:.1f} MiB':>10}  layers {layers}")
+        for kind in ("inputs", "outputs"):
+            tensors = engine.get(kind) or []
+            click.echo(f"    {kind:<8} " + ", ".join(
+                f"{t['name']} {t['dtype']}{t['shape']}" for t in tensors))
+        for p in engine.get("optimization_profiles") or []:
+            ranges = ", ".join(f"{t} {r[0]}..{r[2]}" for t, r in p["shapes"].items()
+                               if r[0] != r[2])
+            click.echo(f"    profile  {p['name']}: {ranges}")
 
 
 main.add_command(run_command)

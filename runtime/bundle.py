@@ -2,9 +2,10 @@
 
 A bundle is a folder with `manifest.json` (format version "1") that lists every other file with
 its sha256. Loading checks those hashes, so a tampered or truncated graph is refused by name
-rather than producing wrong tokens, and, for TensorRT, that the engines were built for this
-GPU's compute capability and this TensorRT version (a foreign engine either fails to
-deserialize with an opaque error or, worse, runs slowly).
+rather than producing wrong tokens, and asks the bundle's backend (backends/ registry) whether
+this machine can run it: for TensorRT, that the engines were built for this GPU's compute
+capability and this TensorRT version (a foreign engine either fails to deserialize with an
+opaque error or, worse, runs slowly).
 
 A plain export folder (`export.json`, no manifest) also loads, as an ONNX Runtime fp32 bundle
 without integrity checks, so `dspark-export run` works on `dspark-export export` output.
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .backends import BackendUnavailable, Platform, get_backend
+
 FORMAT_VERSION = "1"
 MANIFEST = "manifest.json"
 EXPORT_INFO = "export.json"
@@ -26,16 +29,6 @@ _CHUNK = 1 << 20
 
 class BundleError(Exception):
     """A bundle that cannot be used here; the message says why."""
-
-
-@dataclass(frozen=True)
-class Platform:
-    """What this machine offers, as far as a bundle's compatibility is concerned."""
-
-    tensorrt_version: str | None
-    gpu_name: str | None
-    compute_capability: str | None  # "9.0"
-    onnxruntime_providers: tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
@@ -54,15 +47,15 @@ class Bundle:
             if missing:
                 raise BundleError(f"{root}: missing file '{missing[0].name}'")
             return bundle
+        problems = check_compatibility(manifest)  # before hashing: engines can be large
+        if problems:
+            raise BundleError(f"{root}: cannot run here: " + "; ".join(problems))
         if verify:
             verify_files(root, manifest)
         else:
             missing = [rel for rel in manifest["files"] if not (root / rel).is_file()]
             if missing:
                 raise BundleError(f"{root}: missing file '{missing[0]}'")
-        problems = check_compatibility(manifest)
-        if problems:
-            raise BundleError(f"{root}: cannot run here: " + "; ".join(problems))
         return bundle
 
     @property
@@ -152,69 +145,12 @@ def sha256_file(path: Path) -> str:
 
 
 def check_compatibility(manifest: dict[str, Any], platform: Platform | None = None) -> list[str]:
-    """Reasons this machine cannot run the bundle (empty when it can)."""
-    platform = platform or probe_platform(manifest["backend"])
-    if manifest["backend"] == "onnxruntime":
-        return _check_onnxruntime(manifest, platform)
-    if manifest["backend"] == "tensorrt":
-        return _check_tensorrt(manifest.get("tensorrt") or {}, platform)
-    return [f"unknown backend {manifest['backend']!r}"]
-
-
-def probe_platform(backend: str) -> Platform:
-    """Look at this machine, importing only what `backend` needs (never torch)."""
-    providers = trt_version = gpu = None
-    if backend == "onnxruntime":
-        try:
-            import onnxruntime
-            providers = tuple(onnxruntime.get_available_providers())
-        except ImportError:
-            pass
-    else:
-        from dspark_runtime.backends.tensorrt import gpu_info, tensorrt_version
-        trt_version, gpu = tensorrt_version(), gpu_info()
-    return Platform(trt_version, gpu and gpu["name"], gpu and gpu["compute_capability"], providers)
-
-
-def _check_onnxruntime(manifest: dict[str, Any], platform: Platform) -> list[str]:
-    if platform.onnxruntime_providers is None:
-        return ["onnxruntime is not installed (pip install onnxruntime)"]
-    wanted = (manifest.get("session_options") or {}).get("providers") or ["CPUExecutionProvider"]
-    if not set(wanted) & set(platform.onnxruntime_providers):
-        return [f"none of the execution providers {wanted} is available here "
-                f"(available: {list(platform.onnxruntime_providers)})"]
-    return []
-
-
-def _check_tensorrt(info: dict[str, Any], platform: Platform) -> list[str]:
-    problems = []
-    built = info.get("version")
-    if platform.tensorrt_version is None:
-        problems.append(f"tensorrt is not installed (the engines need TensorRT {built})")
-    elif info.get("version_compatible"):
-        if _version_key(platform.tensorrt_version) < _version_key(built):
-            problems.append(f"the engines are version-compatible from TensorRT {built} on, "
-                            f"but this machine has TensorRT {platform.tensorrt_version}")
-    elif platform.tensorrt_version != built:
-        problems.append(f"the engines were built with TensorRT {built}, this machine has "
-                        f"TensorRT {platform.tensorrt_version} (rebuild the bundle, or build "
-                        "with version_compatible: true)")
-    cc = info.get("compute_capability")
-    here = platform.compute_capability
-    if here is None:
-        problems.append("no CUDA GPU is visible (cuda-python not installed, or no device)")
-    elif info.get("hardware_compatibility") == "ampere_plus":
-        if _version_key(here) < (8, 0):
-            problems.append(f"the engines need an Ampere or newer GPU (compute capability 8.0+), "
-                            f"this GPU ({platform.gpu_name}) is {here}")
-    elif here != cc:
-        problems.append(f"the engines were built for compute capability {cc} "
-                        f"({info.get('gpu_name')}), this GPU ({platform.gpu_name}) is {here}")
-    return problems
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".") if p.isdigit())
+    """Reasons this machine (or `platform`) cannot run the bundle (empty when it can)."""
+    try:
+        backend = get_backend(manifest["backend"])
+    except BackendUnavailable as exc:
+        return [str(exc)]
+    return backend.problems(manifest, platform or backend.probe())
 
 
 def _export_folder_manifest(root: Path) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, BundleError, read_manifest
+from .backends import get_backend
+from .bundle import Bundle, BundleError
 from .calibration import Calibration, sigmoid
 from .kv import KVCache
 from .sampling import RequestRandomness, select_tokens
@@ -60,20 +61,19 @@ class Pipeline:
         of an ONNX Runtime bundle (a TensorRT bundle runs on the GPU: auto or cuda); `threads`
         overrides an ONNX Runtime bundle's intra-op thread count; `schedule` is the default of
         `generate` (`auto`: hardware-aware with an SPS table, else the confidence threshold)."""
-        if read_manifest(path)["backend"] == "tensorrt":
-            from .backends.tensorrt import require_tensorrt
-
-            require_tensorrt(backend)  # name the missing extra before hashing the engines
         bundle = Bundle.load(path)
-        if bundle.backend == "tensorrt":
-            from .backends.tensorrt import load_runners
+        runners = get_backend(bundle.backend).load_runners(bundle, backend, threads)
+        try:
+            return cls._over_runners(bundle, runners, schedule, threshold)
+        except BaseException:
+            for runner in runners.values():
+                runner.close()
+            raise
 
-            runners = load_runners(bundle)
-        else:
-            from .backends.onnxruntime import load_runners
-
-            runners = load_runners(bundle, backend, threads)
-        manifest = bundle.manifest
+    @classmethod
+    def _over_runners(cls, bundle: Bundle, runners: dict[str, Any], schedule: str,
+                      threshold: float) -> Pipeline:
+        path, manifest = bundle.root, bundle.manifest
         export = manifest.get("export") or {}  # an export folder: export.json as it is
         draft_config = (manifest.get("models") or {}).get("draft") or export
         target_config = (manifest.get("models") or {}).get("target") or export
@@ -91,6 +91,17 @@ class Pipeline:
                    mask_token_id=int(draft_config["mask_token_id"]),
                    context_limit=min(int(x) for x in limits) if limits else 1 << 30,
                    calibration=calibration, sps=sps, schedule=schedule, threshold=threshold)
+
+    def close(self) -> None:
+        """Release every runner's sessions, engines and device memory (idempotent)."""
+        for runner in self.runners.values():
+            runner.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]], *,
                raw: bool = False) -> list[list[int]]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random targets of each supported family, and the reference pair."""
+"""Shared fixtures: tiny random targets of each supported family, the tiny exported pair, the
+reference pair, and a stand-in for this machine's GPU."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,3 +57,36 @@ def reference_target() -> Path:
     from dspark_export.reference import reference_target_dir
 
     return reference_target_dir()
+
+
+def export_tiny_pair(root: Path, precision: str = "fp32") -> Path:
+    """A tiny llama target + random 1-layer drafter (gamma 4), exported once per session under
+    `root` (folders `runtime_tiny_target`, `runtime_tiny_draft`, and the export)."""
+    out = root / ("runtime_tiny_export" if precision == "fp32" else f"tiny_export_{precision}")
+    if (out / "export.json").is_file():
+        return out
+    from transformers import AutoConfig
+
+    from dspark_export.export import export_graphs
+    from dspark_export.models.draft import make_random_drafter, save_drafter
+
+    target, draft = root / "runtime_tiny_target", root / "runtime_tiny_draft"
+    if not (draft / "config.json").is_file():
+        make_tiny_target(target, "llama")
+        drafter = make_random_drafter(AutoConfig.from_pretrained(target), num_layers=1,
+                                      block_size=4, target_layer_ids=[0, 2], seed=0)
+        save_drafter(drafter, draft)
+    return export_graphs(target, draft, out, precision=precision)
+
+
+@pytest.fixture()
+def fake_gpu(monkeypatch):
+    """Call with {"name", "compute_capability"} (or None) to make `dspark_runtime.gpu` report
+    that GPU (a FAKE: for refusal and bookkeeping tests; nothing runs on it)."""
+    from dspark_runtime import gpu
+
+    def pretend(info: dict[str, str] | None) -> None:
+        monkeypatch.setattr(gpu, "_from_cuda_python", lambda device=0: info)
+        monkeypatch.setattr(gpu, "_from_libcudart", lambda device=0: info)
+
+    return pretend

@@ -287,12 +287,25 @@ def test_tensorrt_manifest_for_this_gpu_is_compatible():
 def test_tensorrt_manifest_from_another_compute_capability_is_incompatible():
     a100 = Platform("10.13.0.35", "NVIDIA A100-SXM4-80GB", "8.0", None)
     problems = check_compatibility(_trt_manifest(), a100)
-    assert len(problems) == 1 and "compute capability 9.0" in problems[0]
-    assert "8.0" in problems[0]
+    assert len(problems) == 1 and "built for sm90 (Hopper: H100, H200)" in problems[0]
+    assert "A100-SXM4-80GB) is sm80" in problems[0]
     # ampere_plus engines run on any sm80+ GPU, but not on Turing
     assert check_compatibility(_trt_manifest(hardware_compatibility="ampere_plus"), a100) == []
     turing = Platform("10.13.0.35", "Tesla T4", "7.5", None)
     assert check_compatibility(_trt_manifest(hardware_compatibility="ampere_plus"), turing)
+
+
+def test_tensorrt_rtx_manifest_names_its_targets():
+    manifest = {"backend": "tensorrt-rtx", "tensorrt": {
+        "version": "1.7.1.116", "compute_capabilities": ["sm89", "sm120"]}}
+    l4 = Platform("1.7.1.116", "NVIDIA L4", "8.9", None)
+    assert check_compatibility(manifest, l4) == []
+    problems = check_compatibility(manifest, Platform("1.7.1.116", "NVIDIA H100 80GB HBM3", "9.0", None))
+    assert problems == ["the engines were built for sm89 (Ada: RTX 40xx, L4, L40S) or sm120 "
+                        "(Blackwell: RTX 50xx, RTX PRO 6000); this GPU (NVIDIA H100 80GB HBM3) "
+                        "is sm90"]
+    nothing = check_compatibility(manifest, Platform(None, None, None, None))
+    assert "dspark-export[tensorrt-rtx]" in nothing[0] and "no CUDA GPU" in nothing[1]
 
 
 def test_tensorrt_version_rules():

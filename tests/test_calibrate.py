@@ -27,7 +27,7 @@ def built(tmp_path_factory) -> Path:
     import sys
     import types
 
-    from test_runtime import export_tiny_pair
+    from conftest import export_tiny_pair
 
     from dspark_export.build.pipeline import build_bundle
     from dspark_export.build.profiles import load_profile

@@ -21,7 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def tiny_bundle(tmp_path_factory) -> Path:
     """A tiny llama target + random drafter (block 4), exported: an export folder is a runnable
     bundle. It is test_runtime's session export, so a full run exports it once."""
-    from test_runtime import export_tiny_pair
+    from conftest import export_tiny_pair
 
     return export_tiny_pair(tmp_path_factory.getbasetemp())
 

@@ -12,7 +12,9 @@ import yaml
 from dspark_export.build.profiles import (Profile, ProfileError, list_profiles, load_profile,
                                           profiles_dir)
 
-SHIPPED = ["a100", "cpu", "cuda-ort", "h100", "h200", "jetson-orin", "l4", "l40s", "rtx4090"]
+SHIPPED = ["a100", "cpu", "cuda-ort", "h100", "h200", "jetson-orin", "l4", "l40s", "rtx",
+           "rtx4090", "rtx5090"]
+TENSORRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
 
 
 def test_list_profiles_has_every_target():
@@ -23,8 +25,8 @@ def test_list_profiles_has_every_target():
 def test_shipped_profile_validates(name):
     profile = load_profile(name)
     assert isinstance(profile, Profile) and profile.name == name
-    assert (profile.onnxruntime is None) == (profile.backend == "tensorrt")
-    if profile.backend == "tensorrt":
+    assert (profile.onnxruntime is None) == (profile.backend in TENSORRT_BACKENDS)
+    if profile.backend in TENSORRT_BACKENDS:
         trt = profile.tensorrt
         assert trt.prefill_tokens.max <= profile.max_context
         assert trt.verify_tokens_opt <= profile.verify_tokens_max(profile.gamma_max)
@@ -39,6 +41,29 @@ def test_precisions_fit_the_hardware():
     assert {load_profile(n).tensorrt.compute_capability for n in ("h100", "a100", "l4",
                                                                    "jetson-orin")} == \
         {"sm90", "sm80", "sm89", "sm87"}
+
+
+def test_each_gpu_gets_the_builder_that_can_target_it():
+    """Hopper and Jetson need full TensorRT; the cards TensorRT-RTX targets get TensorRT-RTX."""
+    for name in ("h100", "h200", "jetson-orin"):
+        assert load_profile(name).backend == "tensorrt"
+    for name, targets in (("rtx4090", ("sm89",)), ("l4", ("sm89",)), ("l40s", ("sm89",)),
+                          ("a100", ("sm80",)), ("rtx5090", ("sm120",))):
+        profile = load_profile(name)
+        assert profile.backend == "tensorrt-rtx" and profile.tensorrt.compute_capabilities == \
+            targets, name
+    assert len(load_profile("rtx").tensorrt.compute_capabilities) > 1  # one plan, many GPUs
+
+
+@pytest.mark.parametrize("sm, fits", [("sm90", "profiles h100 and h200"),
+                                      ("sm87", "profile jetson-orin")])
+def test_tensorrt_rtx_refuses_targets_it_cannot_build(tmp_path, sm, fits):
+    path = _write(tmp_path, "rtx4090", _set("tensorrt", "compute_capability", value=["sm89", sm]))
+    with pytest.raises(ProfileError) as err:
+        load_profile(path)
+    message = str(err.value)
+    assert f"not {sm}" in message and fits in message and "dspark-export[tensorrt]" in message
+    assert str(path) in message and "'tensorrt.compute_capability'" in message
 
 
 def test_load_by_path_and_name_from_file(tmp_path):
@@ -112,6 +137,18 @@ def _delete(*keys):
      "onnxruntime.execution_providers", "provider names"),
     ("cpu", _set("precision", value="bf16"), "precision", "bf16 is not supported"),
     ("cpu", _set("tensorrt", value={}), "tensorrt", "does not apply"),
+    ("h100", _set("tensorrt", "compute_capability", value=["sm90", "sm89"]),
+     "tensorrt.compute_capability", "full TensorRT builds for one GPU"),
+    ("rtx4090", _set("tensorrt", "compute_capability", value=["sm89", "sm89"]),
+     "tensorrt.compute_capability", "lists a target twice"),
+    ("rtx4090", _set("tensorrt", "timing_cache", value=True), "tensorrt.timing_cache",
+     "ignores the timing cache"),
+    ("rtx4090", _set("tensorrt", "spec_verify", value="plugin"), "tensorrt.spec_verify",
+     "no tensorrt.plugin module"),
+    ("rtx4090", _set("tensorrt", "version_compatible", value=True),
+     "tensorrt.version_compatible", "no version-compatible engines"),
+    ("rtx4090", lambda d: (_set("tensorrt", "compute_capability", value="sm75")(d),
+                           _set("precision", value="bf16")(d)), "precision", "fp16 only"),
 ])
 def test_bad_field_is_named(tmp_path, base, edit, field, why):
     path = _write(tmp_path, base, edit)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import export_tiny_pair
+
 from dspark_runtime.kv import HostMemory, KVCache
 from dspark_runtime.sampling import RequestRandomness, select_tokens
 from dspark_runtime.tokenizer import StreamDecoder, TextTokenizer
@@ -17,24 +19,6 @@ from dspark_runtime.tokenizer import StreamDecoder, TextTokenizer
 MAX_NEW = 24
 PROMPTS = ["t5 t6 t7 t8 t9", "t20", "t30 t31 t32 t33 t34 t35 t36 t37 t38 t39 t40"]
 NEAR_TIE = 1e-3  # relative top-2 logit margin under which greedy may pick either token
-
-
-def export_tiny_pair(root: Path) -> Path:
-    """A tiny llama target + random drafter exported once per test session (under `root`)."""
-    out = root / "runtime_tiny_export"
-    if (out / "export.json").is_file():
-        return out
-    from conftest import make_tiny_target
-    from transformers import AutoConfig
-
-    from dspark_export.export import export_graphs
-    from dspark_export.models.draft import make_random_drafter, save_drafter
-
-    target = make_tiny_target(root / "runtime_tiny_target", "llama")
-    drafter = make_random_drafter(AutoConfig.from_pretrained(target), num_layers=1, block_size=4,
-                                  target_layer_ids=[0, 2], seed=0)
-    save_drafter(drafter, root / "runtime_tiny_draft")
-    return export_graphs(target, root / "runtime_tiny_draft", out)
 
 
 @pytest.fixture(scope="session")
@@ -449,3 +433,13 @@ def test_draft_vocabulary_bundle_matches_the_restricted_reference(tiny_export, t
                                                        target_only=True)
     for a, b in zip(greedy.requests, alone.requests):
         assert a.token_ids == b.token_ids
+
+
+def test_pipeline_closes_its_runners(tiny_export):
+    from dspark_runtime.pipeline import Pipeline
+
+    with Pipeline.from_bundle(tiny_export) as pipe:
+        assert pipe.generate(PROMPTS[:1], max_new_tokens=4).requests[0].token_ids
+    with pytest.raises(RuntimeError, match="closed"):
+        pipe.generate(PROMPTS[:1], max_new_tokens=4)
+    pipe.close()  # idempotent

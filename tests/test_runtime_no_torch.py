@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from test_runtime import export_tiny_pair
+from conftest import export_tiny_pair
 
 # Installed before anything else runs in the child: any import of a blocked package fails.
 BLOCKER = textwrap.dedent("""

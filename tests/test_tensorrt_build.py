@@ -1,77 +1,85 @@
-"""TensorRT build and runner.
+"""TensorRT build, both flavours, and TensorRT bundles on a machine that cannot run them.
 
-Three kinds of test, kept apart on purpose:
-- plain Python (always run): the clear refusal without tensorrt or a suitable GPU, and the
-  optimization-profile shapes derived from a graph;
-- against a *fake* `tensorrt` (always run): checks which documented builder API calls our code
-  makes and its bookkeeping (profiles, flags, timing cache). It proves nothing about TensorRT
-  itself. The runner and the loop on TensorRT bundles are tested the same way in
-  test_tensorrt_runtime.py;
-- against the real tensorrt on a GPU: skipped, with the reason shown, where it is not installed
-  (PyPI only has stubs; NVIDIA's index is unreachable from CI).
+Kept apart on purpose:
+- plain Python (always run): refusals before any work, optimization-profile shapes;
+- the REAL TensorRT-RTX builder (the tensorrt-rtx extra; skipped with the reason where it is
+  absent): the tiny exported pair built into four engines whose I/O, read from the parsed
+  networks, is checked against docs/graphs.md; inspect and run on this GPU-less machine; parse
+  failures; an interrupted build. Every builder call full TensorRT shares with TensorRT-RTX is
+  exercised here against the real library;
+- the calls only full TensorRT makes (precision flags on TensorRT 10, hardware and version
+  compatibility, the timing cache) against a FAKE builder config: they check which documented
+  calls our code makes, nothing about TensorRT;
+- full TensorRT for real: skipped with the reason where it is absent (not on PyPI).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import shutil
 import sys
 import types
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
+from conftest import export_tiny_pair
 from test_bundle import GAMMA, VOCAB, make_tiny_export
 
 from dspark_export.build import pipeline, tensorrt_build
 from dspark_export.build.profiles import TokenRange, load_profile
-from dspark_export.build.tensorrt_build import (TensorRTBuildError, TensorRTUnavailable,
-                                                build_engines, optimization_profiles,
-                                                require_tensorrt)
-from dspark_runtime.backends import tensorrt as trt_backend
-from dspark_runtime.backends.tensorrt import TensorRTRunner
+from dspark_export.build.tensorrt_build import (TensorRTBuildError, TimingCache, build_engines,
+                                                optimization_profiles, require_builder)
+from dspark_runtime.backends import BackendUnavailable
+from dspark_runtime.backends.tensorrt import FULL, RTX, TensorRTRunner
 
 H100_GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-NO_TRT = "tensorrt is not installed here (PyPI has stubs only; it comes from NVIDIA's index)"
+A100_GPU = {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+NO_TRT = "full TensorRT is not installed here (not on PyPI: it comes from NVIDIA's index)"
+NO_RTX = "TensorRT-RTX is not installed (pip install 'dspark-export[tensorrt-rtx]')"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+SPEC = Path(__file__).resolve().parents[1] / "plugins" / "spec_verify" / "spec.md"
 
 
-# --- refusal before any work ---------------------------------------------------------------
+# --- refusal before any work -----------------------------------------------------------------
 
-def test_missing_tensorrt_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
-    with pytest.raises(TensorRTUnavailable) as err:
-        require_tensorrt(load_profile("h100"))
-    assert "dspark-export[tensorrt]" in str(err.value)
-    assert "https://pypi.nvidia.com" in str(err.value)
-
-
-def test_tensorrt_build_without_tensorrt_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
+@pytest.mark.parametrize("profile, module, extra", [("h100", "tensorrt", "dspark-export[tensorrt]"),
+                                                    ("rtx4090", "tensorrt_rtx_bindings",
+                                                     "dspark-export[tensorrt-rtx]")])
+def test_missing_builder_names_the_extra_and_writes_nothing(tmp_path, monkeypatch, profile,
+                                                            module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # import -> ImportError
 
     def must_not_export(*args, **kwargs):
-        raise AssertionError("the export ran before the TensorRT check")
+        raise AssertionError("the export ran before the builder check")
 
     export_pkg = types.ModuleType("dspark_export.export")
     export_pkg.export_graphs = must_not_export
     monkeypatch.setitem(sys.modules, "dspark_export.export", export_pkg)
-    for name in ("h100", "jetson-orin"):
-        with pytest.raises(TensorRTUnavailable, match=r"dspark-export\[tensorrt\]"):
-            pipeline.build_bundle(load_profile(name), None, None, tmp_path / "bundle",
-                                  progress=False)
+    with pytest.raises(BackendUnavailable, match=re.escape(extra)):
+        pipeline.build_bundle(load_profile(profile), None, None, tmp_path / "bundle",
+                              progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_no_gpu_or_wrong_gpu_is_refused(monkeypatch, fake_trt):
-    monkeypatch.setattr(tensorrt_build, "gpu_info", lambda: None)
-    with pytest.raises(TensorRTUnavailable, match="no CUDA GPU"):
-        require_tensorrt(load_profile("h100"))
-    monkeypatch.setattr(tensorrt_build, "gpu_info",
-                        lambda: {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"})
-    with pytest.raises(TensorRTUnavailable, match="targets sm90.*A100.*8.0"):
-        require_tensorrt(load_profile("h100"))
-    assert require_tensorrt(load_profile("a100"))["compute_capability"] == "8.0"
+def test_full_tensorrt_needs_the_profiles_gpu(monkeypatch, fake_gpu):
+    fake = types.ModuleType("tensorrt")  # FAKE: only its presence and version are read here
+    fake.__version__ = "10.13.0.35"
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    fake_gpu(None)
+    with pytest.raises(BackendUnavailable, match="needs a CUDA GPU of compute capability sm90"):
+        require_builder(load_profile("h100"))
+    fake_gpu(A100_GPU)
+    with pytest.raises(BackendUnavailable, match="targets sm90.*A100.*8.0"):
+        require_builder(load_profile("h100"))
+    fake_gpu(H100_GPU)
+    assert require_builder(load_profile("h100"))["compute_capabilities"] == ["sm90"]
 
 
-# --- optimization profiles -----------------------------------------------------------------
+# --- optimization profiles -------------------------------------------------------------------
 
 def _graph(export: Path, name: str) -> onnx.ModelProto:
     return onnx.load(str(export / f"{name}.onnx"))
@@ -117,7 +125,7 @@ def test_unknown_dynamic_dimension_is_an_error(tmp_path):
         optimization_profiles(graph, "markov", load_profile("h100"), GAMMA, VOCAB)
 
 
-# --- a fake tensorrt and cuda-python: our calls and bookkeeping, not TensorRT ----------------
+# --- full TensorRT only: a FAKE builder config records the calls -------------------------------
 
 class _Enum:
     def __init__(self, *names: str):
@@ -125,11 +133,20 @@ class _Enum:
             setattr(self, name, name)
 
 
+def _fake_full_tensorrt(version: str) -> types.SimpleNamespace:
+    """The enums `_configure` reads, as TensorRT 10/11 name them (FAKE)."""
+    return types.SimpleNamespace(
+        __version__=version, MemoryPoolType=_Enum("WORKSPACE"),
+        BuilderFlag=_Enum("FP16", "BF16", "VERSION_COMPATIBLE"),
+        ProfilingVerbosity=_Enum("DETAILED"),
+        HardwareCompatibilityLevel=_Enum("AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"))
+
+
 class _FakeConfig:
-    def __init__(self, log: dict):
-        self.log, self.flags, self.profiles = log, [], []
-        self.builder_optimization_level = 3
+    def __init__(self):
+        self.flags: list[str] = []
         self.hardware_compatibility_level = "NONE"
+        self.cache_data: list[bytes] = []
 
     def set_memory_pool_limit(self, pool, size):
         self.workspace = (pool, size)
@@ -138,131 +155,272 @@ class _FakeConfig:
         self.flags.append(flag)
 
     def create_timing_cache(self, data):
-        self.log["cache_loaded"] = data
+        self.cache_data.append(data)
         return types.SimpleNamespace(serialize=lambda: b"timing-cache")
 
     def set_timing_cache(self, cache, ignore_mismatch):
         return True
 
-    def add_optimization_profile(self, profile):
-        self.profiles.append(profile.shapes)
 
-
-def _fake_tensorrt(version: str, log: dict) -> types.ModuleType:
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-    trt.MemoryPoolType = _Enum("WORKSPACE")
-    trt.BuilderFlag = _Enum("FP16", "BF16", "VERSION_COMPATIBLE")
-    trt.HardwareCompatibilityLevel = _Enum("AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
-
-    class Parser:
-        def __init__(self, network, logger):
-            self.network, self.num_errors = network, 0
-
-        def parse(self, data):
-            self.network["model"] = onnx.load_from_string(data)
-            return True
-
-        def parse_from_file(self, path):
-            self.network["model"] = onnx.load(path)
-            return True
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            return {"flags": flags}
-
-        def create_builder_config(self):
-            return _FakeConfig(log)
-
-        def create_optimization_profile(self):
-            profile = types.SimpleNamespace(shapes={})
-            profile.set_shape = lambda name, lo, opt, hi: profile.shapes.__setitem__(
-                name, (lo, opt, hi))
-            return profile
-
-        def build_serialized_network(self, network, config):
-            name = network["model"].graph.name
-            log.setdefault("built", {})[name] = (network["model"], config)
-            return f"engine:{name}".encode()
-
-    trt.OnnxParser, trt.Builder = Parser, Builder
-    return trt
-
-
-@pytest.fixture()
-def fake_trt(monkeypatch, tmp_path):
-    """tensorrt 11 (fake) on an H100 (fake); the SpecVerify plugin module replaced too."""
-    log: dict = {}
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("11.0.0.1", log))
-    monkeypatch.setattr(tensorrt_build, "gpu_info", lambda: H100_GPU)
-    plugin = types.ModuleType("dspark_plugins.spec_verify.tensorrt_plugin")
-    plugin.register = lambda: log.__setitem__("registered", True)
-    monkeypatch.setitem(sys.modules, plugin.__name__, plugin)
-    monkeypatch.setattr(tensorrt_build, "TIMING_CACHE_DIR", tmp_path / "cache")
-    return log
-
-
-def test_build_engines_tensorrt11_fake(tmp_path, fake_trt):
-    export = make_tiny_export(tmp_path / "export", precision="bf16")
-    out = tmp_path / "out"
-    out.mkdir()
-    done = []
-    info = build_engines(export, load_profile("h100"), out, on_graph=done.append)
-    assert done == ["target", "draft", "markov", "verify"]
-    assert sorted(p.name for p in out.iterdir()) == [
-        "draft.engine", "markov.engine", "target.engine", "verify.engine"]
-    assert (out / "target.engine").read_bytes() == b"engine:target"
-    assert info["version"] == "11.0.0.1" and info["compute_capability"] == "9.0"
-    assert info["strongly_typed"] is True and info["precision_flag"] is None
-    assert info["plugins"][0]["op"] == "dspark::SpecVerify"
-    assert [p["name"] for p in info["engines"]["target"]["optimization_profiles"]] == [
-        "prefill", "verify"]
-    target_model, target_config = fake_trt["built"]["target"]
-    assert target_config.flags == []  # strongly typed: precision comes from the graph
-    assert target_config.workspace == ("WORKSPACE", 16384 << 20)
-    assert target_config.builder_optimization_level == 4
-    assert len(target_config.profiles) == 2 and len(fake_trt["built"]["markov"][1].profiles) == 1
-    verify_model = fake_trt["built"]["spec_verify"][0]
-    assert fake_trt["registered"] and not verify_model.functions  # body stripped for the plugin
-    assert [a.name for a in verify_model.graph.node[0].attribute] == ["plugin_namespace", "aot"]
-    cache = tmp_path / "cache" / "trt-11.0.0.1-sm90.cache"
-    assert cache.read_bytes() == b"timing-cache"
-
-
-def test_build_engines_tensorrt10_uses_precision_flags_fake(tmp_path, fake_trt, monkeypatch):
-    log: dict = {}
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.13.0.35", log))
-    export = make_tiny_export(tmp_path / "export", precision="fp16")
-    out = tmp_path / "out"
-    out.mkdir()
+def test_tensorrt10_takes_precision_and_compatibility_flags_fake():
     h100 = load_profile("h100")
-    profile = replace(h100, precision="fp16", tensorrt=replace(
-        h100.tensorrt, version_compatible=True, hardware_compatibility="same_compute_capability",
-        timing_cache=False))
-    info = build_engines(export, profile, out)
-    config = log["built"]["target"][1]
+    profile = dataclasses.replace(h100, precision="fp16", tensorrt=dataclasses.replace(
+        h100.tensorrt, version_compatible=True, hardware_compatibility="same_compute_capability"))
+    config = _FakeConfig()
+    tensorrt_build._configure(_fake_full_tensorrt("10.13.0.35"), config, profile, FULL)
     assert config.flags == ["FP16", "VERSION_COMPATIBLE"]
     assert config.hardware_compatibility_level == "SAME_COMPUTE_CAPABILITY"
-    assert info["strongly_typed"] is False and info["precision_flag"] == "FP16"
-    assert "cache_loaded" not in log and not (tmp_path / "cache").exists()
+    assert config.workspace == ("WORKSPACE", h100.tensorrt.workspace_mib << 20)
+    assert config.builder_optimization_level == h100.tensorrt.builder_optimization_level
 
 
-# --- the real thing (skipped where tensorrt is absent) -------------------------------------
+def test_tensorrt11_is_strongly_typed_fake():
+    config = _FakeConfig()
+    trt = _fake_full_tensorrt("11.0.0.1")
+    tensorrt_build._configure(trt, config, load_profile("h100"), FULL)
+    assert config.flags == [] and FULL.strongly_typed(trt)  # precision comes from the graph
+    assert not FULL.strongly_typed(_fake_full_tensorrt("10.13.0.35"))
 
+
+def test_timing_cache_is_kept_per_version_and_gpu_fake(tmp_path, monkeypatch):
+    monkeypatch.setattr(tensorrt_build, "TIMING_CACHE_DIR", tmp_path)
+    platform = {"version": "10.13.0.35", "compute_capabilities": ["sm90"]}
+    cache = TimingCache(FULL, load_profile("h100"), platform)
+    config = _FakeConfig()
+    cache.attach(config)
+    cache.attach(config)  # one cache across the build's graphs
+    cache.save()
+    assert config.cache_data == [b""]
+    assert (tmp_path / "tensorrt-10.13.0.35-sm90.cache").read_bytes() == b"timing-cache"
+    again = _FakeConfig()
+    TimingCache(FULL, load_profile("h100"), platform).attach(again)
+    assert again.cache_data == [b"timing-cache"]
+    rtx = TimingCache(RTX, load_profile("rtx4090"), platform)  # TensorRT-RTX ignores it
+    rtx.attach(config)
+    rtx.save()
+    assert rtx.path is None and len(list(tmp_path.iterdir())) == 1
+
+
+# --- the real TensorRT-RTX builder ---------------------------------------------------------------
+
+def _contract(path: Path) -> dict[str, dict[str, tuple[tuple[str, ...], str]]]:
+    """{graph: {tensor: (shape symbols, dtype)}} from the I/O tables of docs/graphs.md, and
+    verify's from the SpecVerify spec; `{i}` names are kept as patterns."""
+    tables: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {}
+    graph = None
+    for line in (DOCS / "graphs.md").read_text(encoding="utf-8").splitlines():
+        heading = re.match(r"^## `(\w+)\.onnx`", line)
+        if heading:
+            graph = heading.group(1)
+            tables[graph] = {}
+        row = re.match(r"^\| (?:in|out) ((?:`[^`]+`(?:, )?)+) \| `\[([^\]]*)\]` \| (\w+) \|", line)
+        if row and graph:
+            for name in re.findall(r"`([^`]+)`", row.group(1)):
+                tables[graph][name] = (tuple(s.strip() for s in row.group(2).split(",")),
+                                       row.group(3))
+    tables["verify"] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = re.match(r"^\| `(\w+)` \| `\[([^\]]*)\]` \| (\w+)", line)
+        if row:
+            tables["verify"][row.group(1)] = (tuple(s.strip() for s in row.group(2).split(",")),
+                                              row.group(3))
+    return tables
+
+
+def _expected(tables, graph: str, tensor: str, info: dict) -> tuple[list[int], str] | None:
+    """The shape (-1 where dynamic) and dtype docs/graphs.md gives `tensor` of `graph`."""
+    for pattern, (symbols, dtype) in tables[graph].items():
+        if re.fullmatch(re.escape(pattern).replace(r"\{i\}", r"\d+"), tensor):
+            break
+    else:
+        return None
+    t, d = info["target"], info["draft"]
+    sizes = {"G": info["gamma"], "V": t["vocab_size"], "Vd": t["vocab_size"],
+             "Hk": t["num_kv_heads"], "D": t["head_dim"], "Hkd": d["num_kv_heads"],
+             "Dd": d["head_dim"], "F": d["feature_size"], "d": d["hidden_size"]}
+    if graph == "verify":  # one engine serves every gamma and vocabulary
+        sizes = {}
+    model = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[info["precision"]]
+    return [sizes.get(s, -1) for s in symbols], model if dtype == "model" else dtype
+
+
+def _require_rtx():
+    pytest.importorskip("tensorrt_rtx_bindings", reason=NO_RTX)
+
+
+@pytest.fixture(scope="module")
+def rtx_export(tmp_path_factory) -> Path:
+    """The tiny pair exported in fp16, as the rtx4090 profile exports it."""
+    _require_rtx()
+    return export_tiny_pair(tmp_path_factory.getbasetemp(), precision="fp16")
+
+
+def _reusing_export(monkeypatch: pytest.MonkeyPatch, export: Path) -> None:
+    """`build` exports the pair again; give it a copy of `export` instead (same files)."""
+    fake = types.ModuleType("dspark_export.export")
+    fake.export_graphs = lambda t, d, out, **kw: Path(shutil.copytree(export, out))
+    monkeypatch.setitem(sys.modules, "dspark_export.export", fake)
+
+
+@pytest.fixture(scope="module")
+def rtx_bundle(rtx_export, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rtx") / "bundle"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _reusing_export(monkeypatch, rtx_export)
+        return pipeline.build_bundle(load_profile("rtx4090"), None, None, out, progress=False)
+
+
+@pytest.mark.tensorrt_rtx
+def test_rtx_bundle_holds_real_engines_matching_the_graph_contract(rtx_bundle, rtx_export):
+    from dspark_runtime.bundle import GRAPH_NAMES, read_manifest, sha256_file
+
+    manifest = read_manifest(rtx_bundle)
+    info = json.loads((rtx_export / "export.json").read_text())
+    section = manifest["tensorrt"]
+    import tensorrt_rtx_bindings
+
+    assert manifest["backend"] == "tensorrt-rtx"
+    assert section["builder"] == "TensorRT-RTX"
+    assert section["version"] == tensorrt_rtx_bindings.__version__
+    assert section["compute_capabilities"] == ["sm89"] and section["strongly_typed"]
+    assert section["spec_verify"] == "native-layers" and section["plugins"] == []
+    assert "sps_table" in manifest["notes"] and "sps_table" not in manifest.get("files", {})
+    tables = _contract(SPEC)
+    for name in GRAPH_NAMES:
+        engine = section["engines"][name]
+        path = rtx_bundle / engine["file"]
+        assert path.stat().st_size == engine["bytes"] > 100_000  # a real plan, not a stub
+        assert manifest["files"][engine["file"]] == sha256_file(path)
+        assert engine["network_layers"] > 0 and engine["engine_layers"] > 0
+        exported = onnx.load(str(rtx_export / f"{name}.onnx"), load_external_data=False)
+        for kind, tensors, graph_values in (("inputs", engine["inputs"], exported.graph.input),
+                                            ("outputs", engine["outputs"],
+                                             exported.graph.output)):
+            assert [t["name"] for t in tensors] == [v.name for v in graph_values], (name, kind)
+            for tensor in tensors:
+                want = _expected(tables, name, tensor["name"], info)
+                assert want is not None, f"{name}: {tensor['name']} is not in docs/graphs.md"
+                assert [tensor["shape"], tensor["dtype"]] == list(want), (name, tensor)
+        labels = [p["name"] for p in engine["optimization_profiles"]]
+        assert labels == (["prefill", "verify"] if name in ("target", "draft") else ["verify"])
+        for opt in engine["optimization_profiles"]:
+            assert set(opt["shapes"]) == {t["name"] for t in engine["inputs"]}
+            for tensor in engine["inputs"]:
+                lo, mid, hi = (np.array(s) for s in opt["shapes"][tensor["name"]])
+                static = np.array(tensor["shape"]) >= 0
+                assert (lo <= mid).all() and (mid <= hi).all()
+                assert (lo[static] == np.array(tensor["shape"])[static]).all()
+                assert (hi[static] == lo[static]).all()
+        verify = engine["optimization_profiles"][-1]["shapes"]
+        first = verify[engine["inputs"][0]["name"]]
+        assert first[2][0] == manifest["shapes"]["max_batch"]  # rows up to max_batch
+    target_verify = section["engines"]["target"]["optimization_profiles"][1]["shapes"]
+    assert target_verify["input_ids"][2] == [manifest["shapes"]["max_batch"], info["gamma"] + 1]
+
+
+@pytest.mark.tensorrt_rtx
+def test_inspect_and_run_on_a_machine_without_the_gpu(rtx_bundle):
+    from dspark_export.cli import main
+    from dspark_runtime.gpu import gpu_info
+
+    if gpu_info() is not None:
+        pytest.skip("a CUDA GPU is visible: the refusal cannot be shown here")
+    result = CliRunner().invoke(main, ["inspect", str(rtx_bundle)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert re.search(r"TensorRT-RTX \S+\s+targets sm89", out)
+    assert re.search(r"target\s+target\.engine\s+[\d.]+ MiB\s+layers \d+ network / \d+ engine",
+                     out)
+    assert "profile  verify: input_ids [1, 1]..[16, 5]" in out
+    assert "runnable here: NO" in out and "sm89 (Ada: RTX 40xx, L4, L40S)" in out
+    result = CliRunner().invoke(main, ["run", str(rtx_bundle), "--prompt", "hi"])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "no CUDA GPU" in lines[0] and "sm89" in lines[0]
+
+
+@pytest.mark.tensorrt_rtx
+def test_parse_failure_names_the_graph_node_and_op(rtx_export, tmp_path):
+    from dspark_plugins.spec_verify.onnx_function import strip_function
+
+    export = Path(shutil.copytree(rtx_export, tmp_path / "export"))
+    verify = onnx.load(str(export / "verify.onnx"))
+    onnx.save(strip_function(verify), str(export / "verify.onnx"))  # no body, no plugin here
+    node = verify.graph.node[0].name
+    out = tmp_path / "engines"
+    out.mkdir()
+    with pytest.raises(TensorRTBuildError) as err:
+        build_engines(export, load_profile("rtx4090"), out)
+    message = str(err.value)
+    assert message.startswith("verify.onnx: the ONNX parser failed")
+    assert f"node '{node}' (op SpecVerify)" in message and "Plugin not found" in message
+
+
+@pytest.mark.tensorrt_rtx
+def test_interrupted_build_leaves_no_bundle(rtx_export, tmp_path, monkeypatch):
+    _reusing_export(monkeypatch, rtx_export)
+    real = tensorrt_build.build_engine
+
+    def interrupt_at_markov(*args, **kwargs):
+        if args[4] == "markov":
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tensorrt_build, "build_engine", interrupt_at_markov)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.build_bundle(load_profile("rtx4090"), None, None, tmp_path / "B",
+                              progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.tensorrt_rtx
+def test_one_rtx_plan_for_several_targets(rtx_export, tmp_path):
+    rtx = load_profile("rtx")
+    profile = dataclasses.replace(rtx, tensorrt=dataclasses.replace(
+        rtx.tensorrt, compute_capabilities=("sm86", "sm120")))
+    out = tmp_path / "engines"
+    out.mkdir()
+    info = build_engines(rtx_export, profile, out)
+    assert info["compute_capabilities"] == ["sm86", "sm120"]
+    assert all((out / e["file"]).stat().st_size > 100_000 for e in info["engines"].values())
+
+
+@pytest.mark.tensorrt_rtx
+@pytest.mark.slow
+def test_reference_pair_builds_for_rtx4090(tmp_path):
+    """The README's command: the embedded reference pair, built for the RTX 4090."""
+    _require_rtx()
+    from dspark_export.cli import main
+
+    result = CliRunner().invoke(main, ["build", "--profile", "rtx4090", "--out",
+                                       str(tmp_path / "B")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "B" / "manifest.json").read_text())
+    engines = manifest["tensorrt"]["engines"]
+    assert sorted(engines) == ["draft", "markov", "target", "verify"]
+    assert engines["target"]["bytes"] > 100 << 20  # 135M parameters in fp16
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "B")])
+    assert result.exit_code == 0 and "target.engine" in result.output
+
+
+# --- full TensorRT for real (skipped where it is absent) -----------------------------------------
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
 def test_real_tensorrt_build_and_run(tmp_path):
     trt = pytest.importorskip("tensorrt", reason=NO_TRT)
-    gpu = trt_backend.gpu_info()
+    from dspark_runtime.gpu import gpu_info
+
+    gpu = gpu_info()
     if gpu is None:
         pytest.skip("tensorrt is installed but no CUDA GPU is visible")
     major, minor = gpu["compute_capability"].split(".")
     h100 = load_profile("h100")
-    profile = replace(h100, max_context=64, tensorrt=replace(
+    profile = dataclasses.replace(h100, max_context=64, tensorrt=dataclasses.replace(
         h100.tensorrt, compute_capability=f"sm{major}{minor}",
-        prefill_tokens=TokenRange(1, 8, 32), timing_cache=False))
+        compute_capabilities=(f"sm{major}{minor}",), prefill_tokens=TokenRange(1, 8, 32),
+        timing_cache=False))
     export = make_tiny_export(tmp_path / "export")
     out = tmp_path / "engines"
     out.mkdir()

@@ -1,4 +1,4 @@
-"""TensorRT runtime: device memory (backends/cuda.py), the TensorRT runner's device interface,
+"""TensorRT runtime: device memory (cuda_memory.py), the TensorRT runner's device interface,
 and the draft/verify loop over a TensorRT bundle.
 
 Two kinds of test, kept apart on purpose:
@@ -31,19 +31,21 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 from test_bundle import make_tiny_export
-from test_runtime import MAX_NEW, PROMPTS, export_tiny_pair
+from conftest import export_tiny_pair
+from test_runtime import MAX_NEW, PROMPTS
 
 from dspark_export.build.bundle_writer import BundleWriter
 from dspark_export.build.profiles import TokenRange, load_profile
 from dspark_export.build.tensorrt_build import PLUGIN, optimization_profiles
-from dspark_runtime.backends import cuda
-from dspark_runtime.backends import tensorrt as trt_backend
+from dspark_runtime import cuda_memory as cuda
 from dspark_runtime.backends.base import Runner
-from dspark_runtime.backends.cuda import (CudaMemory, DeviceAllocation, DeviceArray, DevicePool,
-                                          device_array)
-from dspark_runtime.backends.tensorrt import (TensorRTRunner, TensorRTUnavailable,
-                                              bf16_bits_to_float32, float32_to_bf16_bits)
-from dspark_runtime.bundle import GRAPH_NAMES
+from dspark_runtime.backends import BackendUnavailable
+from dspark_runtime.cuda_memory import (CudaMemory, DeviceAllocation, DeviceArray, DevicePool,
+                                        device_array)
+from dspark_runtime.backends.tensorrt import (TensorRTRunner, bf16_bits_to_float32,
+                                              float32_to_bf16_bits)
+from dspark_runtime.bundle import GRAPH_NAMES, BundleError
+from dspark_runtime.gpu import gpu_info
 from dspark_runtime.kv import HostMemory
 
 H100_GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -169,7 +171,7 @@ def fake_cuda(monkeypatch) -> FakeCudaLib:
     return lib
 
 
-# --- backends/cuda.py: the ORT-verified commit logic, now also the TensorRT memory -----------
+# --- cuda_memory.py: the ORT-verified commit logic, now also the TensorRT memory -----------
 
 def test_cuda_memory_commit_and_leading_match_host_memory(fake_cuda):
     """CudaMemory's strided device copies do what HostMemory's numpy indexing does."""
@@ -395,11 +397,11 @@ def fake_tensorrt(log: list, cuda_lib: FakeCudaLib) -> types.ModuleType:
 
 
 @pytest.fixture()
-def fake_trt(monkeypatch, fake_cuda) -> list:
+def fake_trt(monkeypatch, fake_cuda, fake_gpu) -> list:
     """tensorrt (fake) on an H100 (fake) over the fake CUDA runtime; returns the call log."""
     log: list = []
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(log, fake_cuda))
-    monkeypatch.setattr(trt_backend, "gpu_info", lambda device=0: H100_GPU)
+    fake_gpu(H100_GPU)
     plugin = types.ModuleType("dspark_plugins.spec_verify.tensorrt_plugin")
     plugin.register = lambda: log.append(("register",))
     monkeypatch.setitem(sys.modules, plugin.__name__, plugin)
@@ -624,8 +626,7 @@ def test_pipeline_on_tensorrt_bundle_gives_the_onnxruntime_tokens(tiny_export, c
     assert {e[2] for e in runs if e[3]["input_ids"][0][1] <= 5} == {1}
     stream = cuda._cudart().stream()
     assert {e[4] for e in fake_trt if e[0] == "execute"} == {stream}
-    for runner in pipe.runners.values():
-        runner.close()
+    pipe.close()
 
 
 def test_pipeline_registers_jit_plugins_before_the_verify_engine(tiny_export, tmp_path,
@@ -636,8 +637,7 @@ def test_pipeline_registers_jit_plugins_before_the_verify_engine(tiny_export, tm
     events = [e[:2] for e in fake_trt if e[0] in ("register", "deserialize")]
     assert events.index(("register",)) < events.index(("deserialize", "verify"))
     assert events.count(("register",)) == 1  # only for the graph that holds the plugin
-    for runner in pipe.runners.values():
-        runner.close()
+    pipe.close()
 
 
 def test_verify_engine_accepts_shorter_verify_widths(tiny_export, tmp_path, fake_trt):
@@ -664,7 +664,7 @@ def test_missing_tensorrt_names_the_extra(tiny_trt_bundle, monkeypatch):
     from dspark_runtime.pipeline import Pipeline
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
-    with pytest.raises(TensorRTUnavailable, match=r"dspark-export\[tensorrt\]"):
+    with pytest.raises(BundleError, match=r"dspark-export\[tensorrt\]"):
         Pipeline.from_bundle(tiny_trt_bundle)
     result = CliRunner().invoke(run, [str(tiny_trt_bundle), "--prompt", "hi"])
     assert result.exit_code == 1 and "dspark-export[tensorrt]" in result.output
@@ -673,7 +673,7 @@ def test_missing_tensorrt_names_the_extra(tiny_trt_bundle, monkeypatch):
 def test_tensorrt_bundle_refuses_the_cpu(tiny_trt_bundle, fake_trt):
     from dspark_runtime.pipeline import Pipeline
 
-    with pytest.raises(TensorRTUnavailable, match="runs on an NVIDIA GPU only"):
+    with pytest.raises(BackendUnavailable, match="runs on an NVIDIA GPU only"):
         Pipeline.from_bundle(tiny_trt_bundle, backend="cpu")
 
 
@@ -684,7 +684,7 @@ def test_tensorrt_bundle_refuses_the_cpu(tiny_trt_bundle, fake_trt):
 def test_real_tensorrt_pipeline_matches_onnxruntime(tiny_export, cpu_pipe, tmp_path):
     """Build fp32 engines for the tiny pair, run the loop on them, compare with ORT on CPU."""
     trt = pytest.importorskip("tensorrt", reason=NO_TRT)
-    gpu = trt_backend.gpu_info()
+    gpu = gpu_info()
     if gpu is None:
         pytest.skip("tensorrt is installed but no CUDA GPU is visible")
     from dspark_export.build.tensorrt_build import build_engines

@@ -24,7 +24,8 @@ from dspark_runtime.bundle import (FORMAT_VERSION, MANIFEST, BundleError, read_m
                                    sha256_file, shapes_from_export)
 from dspark_runtime.sps import write_json_atomic
 
-_TOOLS = ("dspark-export", "onnx", "onnxruntime", "torch", "transformers", "tensorrt", "numpy")
+_TOOLS = ("dspark-export", "onnx", "onnxruntime", "torch", "transformers", "tensorrt",
+          "tensorrt-rtx-cu13-bindings", "numpy")
 
 
 class BundleWriter:
@@ -84,11 +85,13 @@ class BundleWriter:
     def write_manifest(self, *, profile: Profile, export_info: dict[str, Any],
                        graphs: dict[str, str],
                        session_options: dict[str, Any] | None = None,
-                       tensorrt: dict[str, Any] | None = None) -> dict[str, Any]:
+                       tensorrt: dict[str, Any] | None = None,
+                       notes: dict[str, str] | None = None) -> dict[str, Any]:
         """Describe the staged bundle and hash every file in it; call once, last.
 
         `graphs` maps graph names to files in the bundle (ONNX or engines); their inputs and
-        outputs come from the export's description, `export_info` (export.json).
+        outputs come from the export's description, `export_info` (export.json). `notes`: why
+        an optional part (e.g. `sps_table`) is missing.
         """
         assert self.root is not None, "BundleWriter is not open"
         root = self.root
@@ -114,6 +117,7 @@ class BundleWriter:
             "tensorrt": tensorrt,
             **{key: f"{key}.json" if (root / f"{key}.json").is_file() else None
                for key in ("sps_table", "calibration")},
+            **({"notes": notes} if notes else {}),
         }
         manifest["files"] = hash_tree(self.root)
         write_json_atomic(self.root / MANIFEST, manifest)

@@ -83,55 +83,23 @@ def _has_external_data(path: Path) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def cuda_device_name() -> str:
-    """The GPU's name for sps_table.json (torch is loaded by the export that precedes this)."""
-    try:
-        import torch
+class OnnxRuntimeBuilder:
+    """The build pipeline's view of this backend (registry: dspark_runtime.backends)."""
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:  # pragma: no cover - torch is a dependency of the build
-        pass
-    return "CUDAExecutionProvider"
+    def require(self, profile: Profile) -> None:
+        """Nothing to check before the export: onnxruntime is a dependency."""
 
+    def sps_unmeasurable(self, profile: Profile) -> str | None:
+        return None
 
-class DeviceTimedRunner:
-    """A CUDA-provider `OnnxRuntimeRunner` whose SPS timing keeps inputs and outputs on the GPU
-    (`time_infer`, as `measure_sps` uses for TensorRT): the runtime binds device-resident KV
-    caches through IOBinding, so host<->device copies of the caches are not a step's cost."""
+    def build(self, export_dir: Path, profile: Profile, root: Path, graphs: Iterable[str],
+              on_graph: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """The manifest's graphs and session options for the optimised graphs in `root`."""
+        graphs = list(graphs)
+        options = optimize_graphs(export_dir, profile, root, graphs, on_graph)
+        return {"graphs": {n: f"{n}.onnx" for n in graphs}, "session_options": options,
+                "tensorrt": None}
 
-    _WARMUP = 2
-
-    def __init__(self, runner: Any) -> None:
-        self.runner = runner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.runner, name)
-
-    def infer(self, feeds: Any) -> dict[str, Any]:
-        return self.runner.infer(feeds)
-
-    def time_infer(self, feeds: dict[str, Any], repeats: int) -> list[float]:
-        import time
-
-        import numpy as np
-
-        from dspark_runtime.backends.onnxruntime import device_array
-
-        # Inputs uploaded once (the OrtValues own the device memory while they are bound).
-        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", 0)
-                  for v in feeds.values()]
-        device_feeds = {k: device_array(v) for k, v in zip(feeds, values)}
-        outputs = set(self.runner.output_names)
-        for _ in range(self._WARMUP):
-            self.runner.run(device_feeds, device_outputs=outputs)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.runner.run(device_feeds, device_outputs=outputs)  # synchronises its outputs
-            times.append(time.perf_counter() - start)
-        del values
-        return times
-
-    def close(self) -> None:
-        self.runner.close()
+    @staticmethod
+    def timing_section(manifest_parts: dict[str, Any]) -> dict[str, Any]:
+        return manifest_parts["session_options"]

@@ -15,7 +15,12 @@ from typing import Any
 
 import yaml
 
-BACKENDS = ("onnxruntime", "tensorrt")
+from dspark_runtime.backends import backend_names
+from dspark_runtime.backends.tensorrt.flavours import RTX
+
+BACKENDS = backend_names()
+SPEC_VERIFY_MODES = ("native", "plugin")  # SpecVerify as its inlined function body, or a plugin
+RTX_TARGETS = RTX.aot_targets  # what TensorRT-RTX compiles for ahead of time, with no GPU
 PRECISIONS = ("fp32", "fp16", "bf16")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
 # Offline ORT levels. "all" adds layout transforms (NCHWc) that ORT itself marks as specific to
@@ -49,7 +54,7 @@ class OnnxRuntimeSettings:
 
 @dataclass(frozen=True)
 class TensorRTSettings:
-    compute_capability: str
+    compute_capability: str  # the first of compute_capabilities
     prefill_tokens: TokenRange
     prefill_max_batch: int
     verify_tokens_opt: int
@@ -58,6 +63,8 @@ class TensorRTSettings:
     hardware_compatibility: str
     version_compatible: bool
     workspace_mib: int
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX: every target of the plan
+    spec_verify: str = "native"
 
     @property
     def compute_capability_tuple(self) -> tuple[int, int]:
@@ -99,6 +106,8 @@ class Profile:
         for key in ("onnxruntime", "tensorrt"):
             if out[key] is None:
                 del out[key]
+        if "tensorrt" in out:
+            out["tensorrt"]["compute_capabilities"] = list(self.tensorrt.compute_capabilities)
         if "onnxruntime" in out:
             out["onnxruntime"]["execution_providers"] = list(self.onnxruntime.execution_providers)
         return out
@@ -158,7 +167,11 @@ def parse_profile(data: Any, source: str, default_name: str) -> Profile:
                                "onnxruntime backend (its CPU kernels lack bf16); use fp32 or fp16")
         profile["onnxruntime"] = _onnxruntime(f.section("onnxruntime"))
     else:
-        profile["tensorrt"] = _tensorrt(f.section("tensorrt"), max_batch, max_context, g_max)
+        profile["tensorrt"] = _tensorrt(f.section("tensorrt"), max_batch, max_context, g_max,
+                                        rtx=backend == "tensorrt-rtx", name=profile["name"])
+        if "sm75" in profile["tensorrt"].compute_capabilities and precision != "fp16":
+            raise ProfileError(f"{source}: field 'precision': TensorRT-RTX on sm75 (Turing) "
+                               f"builds fp16 only (no bf16, no fp32 GEMM), got {precision}")
     f.done()
     return Profile(**profile)
 
@@ -182,10 +195,10 @@ def _onnxruntime(f: _Fields) -> OnnxRuntimeSettings:
     return OnnxRuntimeSettings(level, threads, tuple(providers))
 
 
-def _tensorrt(f: _Fields, max_batch: int, max_context: int, gamma_max: int) -> TensorRTSettings:
-    sm = f.string("compute_capability")
-    if not _SM_RE.match(sm):
-        raise f.error("compute_capability", f"must look like sm80, sm87, sm90, got {sm!r}")
+def _tensorrt(f: _Fields, max_batch: int, max_context: int, gamma_max: int, *, rtx: bool,
+              name: str) -> TensorRTSettings:
+    targets = _compute_capabilities(f, rtx, name)
+    sm = targets[0]
     prefill = f.section("prefill_tokens")
     p_min = prefill.integer("min", 1, max_context)
     p_opt = prefill.integer("opt", 1, max_context)
@@ -198,7 +211,7 @@ def _tensorrt(f: _Fields, max_batch: int, max_context: int, gamma_max: int) -> T
     prefill_batch = f.integer("prefill_max_batch", 1, max_batch)
     verify_opt = f.integer("verify_tokens_opt", 1, max_batch * (gamma_max + 1))
     level = f.integer("builder_optimization_level", 0, 5, default=3)
-    cache = f.get("timing_cache", (bool, str), default=True)
+    cache = f.get("timing_cache", (bool, str), default=not rtx)
     if isinstance(cache, str) and not cache.strip():
         raise f.error("timing_cache", "must be true, false or a file path")
     hw = f.choice("hardware_compatibility", HARDWARE_COMPATIBILITY, default="none")
@@ -210,9 +223,54 @@ def _tensorrt(f: _Fields, max_batch: int, max_context: int, gamma_max: int) -> T
                       f"(sm80+), got {sm}")
     version_compatible = f.get("version_compatible", bool, default=False)
     workspace = f.integer("workspace_mib", 16, 1 << 20, default=4096)
+    spec_verify = f.choice("spec_verify", SPEC_VERIFY_MODES, default="native")
+    if rtx:
+        for key, value, default in (("hardware_compatibility", hw, "none"),
+                                    ("version_compatible", version_compatible, False),
+                                    ("timing_cache", cache, False),
+                                    ("spec_verify", spec_verify, "native")):
+            if value != default:
+                raise f.error(key, f"must be {str(default).lower()} in a tensorrt-rtx profile: "
+                              f"{_RTX_REFUSES[key]}")
     f.done()
     return TensorRTSettings(sm, TokenRange(p_min, p_opt, p_max), prefill_batch, verify_opt, level,
-                            cache, hw, version_compatible, workspace)
+                            cache, hw, version_compatible, workspace, tuple(targets), spec_verify)
+
+
+# Why a TensorRT-RTX profile refuses a setting that full TensorRT takes.
+_RTX_REFUSES = {
+    "hardware_compatibility": "its engines list their targets (compute_capability: [sm80, sm89])",
+    "version_compatible": "TensorRT-RTX has no version-compatible engines",
+    "timing_cache": "TensorRT-RTX ignores the timing cache (kernels compile at first run)",
+    "spec_verify": "the RTX bindings have no tensorrt.plugin module, so SpecVerify builds as "
+                   "native layers",
+}
+
+
+def _compute_capabilities(f: _Fields, rtx: bool, name: str) -> list[str]:
+    """`compute_capability`: one sm name or, for TensorRT-RTX, a list of them (one plan)."""
+    value = f.get("compute_capability", (str, list))
+    targets = value if isinstance(value, list) else [value]
+    if not targets or not all(isinstance(t, str) and _SM_RE.match(t) for t in targets):
+        raise f.error("compute_capability", "must look like sm80, sm87, sm90 (or, for "
+                      f"tensorrt-rtx, a list of them), got {value!r}")
+    if len(set(targets)) != len(targets):
+        raise f.error("compute_capability", f"lists a target twice: {value!r}")
+    if not rtx:
+        if len(targets) > 1:
+            raise f.error("compute_capability", "full TensorRT builds for one GPU: give one "
+                          "(several targets in one plan need backend tensorrt-rtx)")
+        return targets
+    foreign = [t for t in targets if t not in RTX_TARGETS]
+    if foreign:
+        fits = ("profile jetson-orin (JetPack's TensorRT)" if set(foreign) & _JETSON_SM
+                else "profiles h100 and h200")
+        raise f.error("compute_capability",
+                      f"of profile '{name}': TensorRT-RTX builds {', '.join(RTX_TARGETS)}, not "
+                      f"{', '.join(foreign)}; use backend tensorrt ({fits}), whose builder is "
+                      "the full TensorRT: pip install 'dspark-export[tensorrt]' "
+                      "--extra-index-url https://pypi.nvidia.com")
+    return targets
 
 
 class _Fields:

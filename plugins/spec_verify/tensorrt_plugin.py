@@ -18,6 +18,8 @@ from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
+from dspark_runtime.backends.base import BackendUnavailable
+
 PLUGIN_NAMESPACE = "dspark"
 PLUGIN_NAME = "SpecVerify"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
@@ -26,11 +28,7 @@ TACTICS = {1: 16384, 2: 8192}
 _N_INPUTS, _N_SCALARS, _N_OUTPUTS = 6, 3, 2
 _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
-__all__ = ["PLUGIN_ID", "TACTICS", "TensorRTUnavailable", "compile_aot_kernel", "register"]
-
-
-class TensorRTUnavailable(ImportError):
-    """The `tensorrt` package (the `tensorrt` extra) is not installed."""
+__all__ = ["PLUGIN_ID", "TACTICS", "compile_aot_kernel", "register"]
 
 
 def _tensorrt() -> tuple[Any, Any]:
@@ -38,7 +36,7 @@ def _tensorrt() -> tuple[Any, Any]:
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as exc:
-        raise TensorRTUnavailable(
+        raise BackendUnavailable(
             "the SpecVerify TensorRT plugin needs TensorRT >= 10.9 with its Python bindings: "
             "pip install 'dspark-export[tensorrt]' (served by NVIDIA's package index)") from exc
     return trt, trtp
@@ -123,7 +121,7 @@ def _cudart() -> Any:
         try:
             from cuda import cudart
         except ImportError as exc:
-            raise TensorRTUnavailable("the SpecVerify JIT fallback needs cuda-python "
+            raise BackendUnavailable("the SpecVerify JIT fallback needs cuda-python "
                                       "(pip install 'dspark-export[tensorrt]')") from exc
     return cudart
 

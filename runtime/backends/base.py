@@ -1,6 +1,8 @@
-"""The one interface every backend implements (Polygraphy's runner idea, kept small).
+"""The two interfaces every backend implements (Polygraphy's loader/runner split, kept small).
 
-A runner owns one compiled graph: an ONNX Runtime session or a TensorRT engine. The draft/verify
+A `Backend` (one per folder under backends/, found through the registry in backends/__init__.py)
+says whether this machine can run a bundle it built, loads the bundle's runners, and gives the
+build a runner to time SPS(B) with. A runner owns one compiled graph: an ONNX Runtime session or a TensorRT engine. The draft/verify
 loop (pipeline.py) only uses what is declared here, so it is the same code on every backend:
 
 - `run(feeds, device_outputs)`: feeds are numpy arrays or, on a GPU backend, `DeviceArray`s
@@ -17,12 +19,16 @@ loop (pipeline.py) only uses what is declared here, so it is the same code on ev
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..kv import Memory
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
 
 
 class Runner(ABC):
@@ -52,3 +58,47 @@ class Runner(ABC):
 
     def close(self) -> None:
         """Release sessions, contexts and device memory (idempotent)."""
+
+
+class BackendUnavailable(RuntimeError):
+    """What a bundle's backend needs (a package, a GPU) is missing here; the message names it."""
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What this machine offers, as far as a bundle's compatibility is concerned."""
+
+    tensorrt_version: str | None  # of the bundle's TensorRT flavour
+    gpu_name: str | None
+    compute_capability: str | None  # "9.0"
+    onnxruntime_providers: tuple[str, ...] | None
+
+
+class Backend(ABC):
+    """One backend's loader: checks a bundle against this machine and loads its runners."""
+
+    name: str  # the manifest's `backend` value
+    title: str  # how messages name it
+
+    @abstractmethod
+    def probe(self) -> Platform:
+        """Look at this machine (the backend's package, the GPU), importing nothing else."""
+
+    @abstractmethod
+    def problems(self, manifest: dict[str, Any], platform: Platform) -> list[str]:
+        """Why `platform` cannot run a bundle with this manifest (empty when it can)."""
+
+    @abstractmethod
+    def load_runners(self, bundle: Bundle, device: str = "auto",
+                     threads: int | None = None) -> dict[str, Runner]:
+        """One runner per graph of a loaded, checked bundle. `device`: auto, cpu or cuda."""
+
+    @abstractmethod
+    def timing_runner(self, bundle_root: Any, manifest_section: dict[str, Any]
+                      ) -> tuple[Runner, str]:
+        """A runner over the target graph that times what the runtime runs (device-resident
+        caches), and the name of the device it runs on: for SPS(B) profiling at build time."""
+
+    def versions(self) -> dict[str, str]:
+        """Versions of the backend's packages here, for the manifest's `tools`."""
+        return {}

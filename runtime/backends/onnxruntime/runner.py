@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the CPU provider everywhere, the CUDA provider with onnxruntime-gpu.
+"""ONNX Runtime runner: the CPU provider everywhere, the CUDA provider with onnxruntime-gpu.
 
 CPU: numpy arrays go into `InferenceSession.run` as they are (ONNX Runtime reads contiguous
 numpy memory in place, views of cache rows included), so the host-side cache is zero-copy.
@@ -11,24 +11,20 @@ device-to-device copy (cudaMemcpy2DAsync through ctypes: no extra Python depende
 step moves no cache between host and device. TF32 is
 off: it moves fp32 logits enough to change sampled tokens. This path needs onnxruntime-gpu and
 a GPU and is chosen only where the CUDA provider is offered; CI cannot run it (its test skips).
-It was run on an H200 with onnxruntime-gpu 1.31.1: the same tokens as the CPU path.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from ..kv import HostMemory
-from .base import Runner
-from .cuda import CudaMemory, DeviceArray
-
-if TYPE_CHECKING:
-    from ..bundle import Bundle
+from ...cuda_memory import CudaMemory, DeviceArray
+from ...kv import HostMemory
+from ..base import Runner
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -73,8 +69,7 @@ def default_providers(device: str = "auto", wanted: Sequence[str] | None = None)
 
 # Graphs whose intra-op threads may busy-wait between runs. The four sessions take turns on the
 # same cores, so spinning threads of an idle session slow the one running; only the target,
-# which dominates a step, keeps spinning (measured on 2 cores: DSpark 11.8 -> 25.3 tokens/s,
-# target-only unchanged; spinning off everywhere cost target-only 43 -> 34 tokens/s).
+# which dominates a step, keeps spinning (spinning off everywhere slows target-only decoding).
 SPINNING_GRAPHS = frozenset({"target"})
 
 
@@ -90,19 +85,6 @@ def session_options(settings: Mapping[str, Any], *, spinning: bool = True) -> or
     if threads:
         options.intra_op_num_threads = int(threads)
     return options
-
-
-def load_runners(bundle: Bundle, device: str = "auto",
-                 threads: int | None = None) -> dict[str, OnnxRuntimeRunner]:
-    """One runner per graph of a loaded ONNX Runtime bundle (or export folder); `threads`
-    overrides the manifest's intra-op thread count."""
-    options = dict(bundle.session_options, **({"intra_op_num_threads": threads} if threads
-                                              else {}))
-    providers = default_providers(device, options.get("providers"))
-    return {name: OnnxRuntimeRunner(file, providers=providers,
-                                    session_options=session_options(
-                                        options, spinning=name in SPINNING_GRAPHS))
-            for name, file in bundle.graphs.items()}
 
 
 def _preload_cuda_libraries() -> None:
@@ -132,6 +114,8 @@ class OnnxRuntimeRunner(Runner):
 
     def run(self, feeds: Mapping[str, Any], device_outputs: Collection[str] = ()) -> dict[str, Any]:
         """Run with host or device feeds; `device_outputs` stay where the graph ran."""
+        if self.session is None:
+            raise RuntimeError(f"{self.name}: the runner is closed")
         if not self.on_device:
             return dict(zip(self.output_names, self.session.run(self.output_names, dict(feeds))))
         binding = self.session.io_binding()

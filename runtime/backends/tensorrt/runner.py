@@ -1,7 +1,7 @@
-"""TensorRT backend: one engine and one execution context per graph, on device memory.
+"""TensorRT runner (both flavours): one engine and one execution context per graph, on device memory.
 
-tensorrt is imported lazily, so `dspark_runtime` imports on machines without it. The runner
-implements the whole `Runner` interface (base.py), so the draft/verify loop runs on TensorRT
+The bindings are imported when a runner is made, so `dspark_runtime` imports on machines
+without them. The runner implements the whole `Runner` interface (base.py), so the draft/verify loop runs on TensorRT
 exactly as on ONNX Runtime's CUDA path:
 
 - Feeds: a `DeviceArray` (a KV cache view, a previous graph's output) is bound in place with
@@ -23,9 +23,9 @@ exactly as on ONNX Runtime's CUDA path:
   engine (-1 for a dynamic axis); bf16 tensors are stored as uint16 bit patterns on the device
   and in `input_dtypes`, and travel as float32 on the host (numpy has no bfloat16).
 
-Written against TensorRT 10/11's documented Python API; this project's CI has no TensorRT,
-so the runner's calls are tested against a fake tensorrt module (tests/test_tensorrt_runtime.py)
-and its real test skips there.
+Written against TensorRT 10/11's documented Python API, which TensorRT-RTX shares; without a
+GPU no engine can be deserialized, so CI tests the runner's calls against a clearly labelled
+fake bindings module (tests/fakes/) and its real test skips there.
 """
 from __future__ import annotations
 
@@ -37,84 +37,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Runner
-from .cuda import ALIGNMENT, CudaMemory, DeviceAllocation, DeviceArray
-from .cuda import _cudart as _cuda_runtime
+from ...cuda_memory import ALIGNMENT, CudaMemory, DeviceAllocation, DeviceArray
+from ...cuda_memory import _cudart as _cuda_runtime
+from ..base import BackendUnavailable, Runner
+from .flavours import FULL, TensorRTFlavour
 
 if TYPE_CHECKING:
-    from ..bundle import Bundle
+    from ...bundle import Bundle
 
-INSTALL_HINT = ("pip install 'dspark-export[tensorrt]' --extra-index-url https://pypi.nvidia.com "
-                "(TensorRT's Python bindings and cuda-python, on a machine with an NVIDIA GPU)")
 _H2D, _D2H, _D2D = 1, 2, 3
-
-
-class TensorRTUnavailable(RuntimeError):
-    """The tensorrt package (the `tensorrt` extra) is not importable, or no GPU is asked for."""
-
-
-def require_tensorrt(device: str = "auto") -> Any:
-    """The tensorrt module, or a clear error naming the extra; `device` is the loop's backend
-    choice (auto, cpu or cuda), and a TensorRT bundle runs only on the GPU."""
-    if device == "cpu":
-        raise TensorRTUnavailable("this is a TensorRT bundle: it runs on an NVIDIA GPU only "
-                                  "(backend 'cpu' needs an ONNX Runtime bundle, e.g. "
-                                  "`dspark-export build --profile cpu`)")
-    if device not in ("auto", "cuda"):
-        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise TensorRTUnavailable(f"this is a TensorRT bundle, but the tensorrt package is not "
-                                  f"importable here ({exc}): {INSTALL_HINT}") from exc
-    return tensorrt
-
-
-def load_runners(bundle: Bundle) -> dict[str, TensorRTRunner]:
-    """One runner per graph of a loaded TensorRT bundle (plugins registered first)."""
-    runners: dict[str, TensorRTRunner] = {}
-    try:
-        for name in bundle.graphs:
-            runners[name] = TensorRTRunner.from_bundle(bundle, name)
-    except BaseException:
-        for runner in runners.values():
-            runner.close()
-        raise
-    return runners
-
-
-def tensorrt_version() -> str | None:
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    return tensorrt.__version__
-
-
-def gpu_info(device: int = 0) -> dict[str, str] | None:
-    """Name and compute capability ("9.0") of a CUDA device, or None without one."""
-    try:
-        cudart = _cudart()
-    except ImportError:
-        return None
-    err, count = cudart.cudaGetDeviceCount()
-    if err != cudart.cudaError_t.cudaSuccess or count <= device:
-        return None
-    prop = _check(cudart, cudart.cudaGetDeviceProperties(device))
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return {"name": name.rstrip("\x00"), "compute_capability": f"{prop.major}.{prop.minor}"}
 
 
 class TensorRTRunner(Runner):
     """Runs one serialized engine (the `Runner` interface, host or device tensors)."""
 
-    def __init__(self, engine_path: str | Path, *, plugins: Sequence[Mapping[str, Any]] = (),
-                 allow_host_code: bool = False, stream: int | None = None) -> None:
+    def __init__(self, engine_path: str | Path, *, flavour: TensorRTFlavour = FULL,
+                 plugins: Sequence[Mapping[str, Any]] = (), allow_host_code: bool = False,
+                 stream: int | None = None) -> None:
         """`plugins`: the manifest's plugin entries; those without an embedded (AOT) kernel are
         registered first. `allow_host_code`: for version-compatible engines, which embed
         TensorRT's lean runtime; only for bundles whose hashes were verified. `stream`: a CUDA
         stream handle (default: the process's shared TensorRT stream)."""
-        trt = require_tensorrt()
+        trt = flavour.import_module()
         self._trt = trt
         path = Path(engine_path)
         self.name = path.stem
@@ -124,7 +68,7 @@ class TensorRTRunner(Runner):
                 try:
                     getattr(importlib.import_module(module), func)()
                 except ImportError as exc:
-                    raise TensorRTUnavailable(f"{path}: the engine needs the TensorRT plugin "
+                    raise BackendUnavailable(f"{path}: the engine needs the TensorRT plugin "
                                               f"{plugin.get('op', module)}, which could not be "
                                               f"registered: {exc}") from exc
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -132,8 +76,8 @@ class TensorRTRunner(Runner):
         self._runtime.engine_host_code_allowed = allow_host_code
         self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if self._engine is None:
-            raise RuntimeError(f"{path}: TensorRT could not deserialize the engine (built for "
-                               "another TensorRT version or GPU? see the log above)")
+            raise RuntimeError(f"{path}: {flavour.title} could not deserialize the engine (built "
+                               "for another version or GPU? see the log above)")
         engine = self._engine
         self._context = engine.create_execution_context()
         if self._context is None:
@@ -165,12 +109,12 @@ class TensorRTRunner(Runner):
         self.realigned = 0  # device feeds copied to an aligned buffer (see the module doc)
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, name: str, *, stream: int | None = None
-                    ) -> TensorRTRunner:
+    def from_bundle(cls, bundle: Bundle, name: str, *, flavour: TensorRTFlavour = FULL,
+                    stream: int | None = None) -> TensorRTRunner:
         """The runner for graph `name` of a loaded TensorRT bundle, with its plugins."""
         info = bundle.manifest["tensorrt"]
         plugins = [p for p in info.get("plugins", []) if p.get("graph") == name]
-        return cls(bundle.graphs[name], plugins=plugins,
+        return cls(bundle.graphs[name], flavour=flavour, plugins=plugins,
                    allow_host_code=bool(info.get("version_compatible")), stream=stream)
 
     def run(self, feeds: Mapping[str, Any], device_outputs: Collection[str] = ()) -> dict[str, Any]:
@@ -381,20 +325,3 @@ def float32_to_bf16_bits(value: np.ndarray) -> np.ndarray:
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-def _cudart() -> Any:
-    """cuda-python's runtime bindings (module path changed in cuda-python 12.6)."""
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        from cuda import cudart as runtime
-    return runtime
-
-
-def _check(cudart: Any, result: tuple) -> Any:
-    """cuda-python returns (error, *values): raise on error, else the value(s)."""
-    err, *values = result
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"CUDA error: {err}")
-    return values[0] if len(values) == 1 else (tuple(values) or None)

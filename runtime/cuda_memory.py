@@ -35,7 +35,6 @@ import numpy as np
 MIN_ALLOCATION = 256  # TensorRT wants a valid, 256-byte aligned address even for empty tensors
 ALIGNMENT = 256  # what IExecutionContext.set_tensor_address documents (cudaMalloc gives >= 256)
 
-_MEMCPY_HOST_TO_DEVICE, _MEMCPY_DEVICE_TO_HOST, _MEMCPY_DEVICE_TO_DEVICE = 1, 2, 3
 _ERROR_MEMORY_ALLOCATION = 2
 
 
@@ -240,18 +239,7 @@ class _CudaRuntime:
 
     @staticmethod
     def _load() -> ctypes.CDLL:
-        names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
-        for site in sys.path:  # the nvidia-* wheels (nvidia/cu13/lib, nvidia/cuda_runtime/lib)
-            names += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*")))
-        for name in names:
-            try:
-                return ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                continue
-        raise RuntimeError("the CUDA path needs the CUDA runtime library (libcudart): install "
-                           "the GPU extra of the backend ('dspark-export[gpu]' for onnxruntime-gpu, "
-                           "'dspark-export[tensorrt]' for TensorRT) with its CUDA wheels "
-                           "(nvidia-cuda-runtime), or a CUDA toolkit")
+        return load_libcudart()
 
     def check(self, status: int) -> None:
         if status != 0:
@@ -298,6 +286,22 @@ class _CudaRuntime:
         if self._pool is None:
             self._pool = DevicePool(self)
         return self._pool
+
+
+def load_libcudart() -> ctypes.CDLL:
+    """libcudart from the nvidia-* wheels or the system; RuntimeError naming what to install."""
+    names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+    for site in sys.path:  # the nvidia-* wheels (nvidia/cu13/lib, nvidia/cuda_runtime/lib)
+        names += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*")))
+    for name in names:
+        try:
+            return ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+    raise RuntimeError("the CUDA path needs the CUDA runtime library (libcudart): install "
+                       "the GPU extra of the backend ('dspark-export[gpu]' for onnxruntime-gpu, "
+                       "'dspark-export[tensorrt]' for TensorRT) with its CUDA wheels "
+                       "(nvidia-cuda-runtime), or a CUDA toolkit")
 
 
 _CUDART: _CudaRuntime | None = None
