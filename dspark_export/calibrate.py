@@ -3,7 +3,7 @@
 The bundle runs on calibration prompts (by default the offline corpus of `distill_data`, never
 the evaluation sets in `shared/eval/`) with the fixed full-block schedule, so every draft
 position is verified whenever it fits in the context. For every round of every request the
-recorder keeps the raw confidence logits z_1..z_G (the markov graph's `confidence_logits`) and
+engine's round hook gives the raw confidence logits z_1..z_G (the markov graph's `confidence_logits`) and
 what verification did: the accepted-prefix label of `dspark_runtime.calibration` (1 at position
 k if drafts 1..k all survived, 0 otherwise, unknown only past the verify window when nothing in
 it failed). STS (`fit_calibration`) then fits one temperature per position left to right, and
@@ -30,7 +30,7 @@ import numpy as np
 
 from dspark_runtime.bundle import BundleError, read_manifest
 from dspark_runtime.calibration import CALIBRATION_FILENAME, Calibration, fit_calibration
-from dspark_runtime.schedule import FixedScheduler
+from dspark_runtime.engine import RoundRecord
 
 ROUNDS_FORMAT = "dspark-calibration-rounds/1"
 DEFAULT_NUM_PROMPTS = 64
@@ -155,76 +155,23 @@ class Rounds:
 # ------------------------------------------------------------------------------- recording
 
 
-class _MarkovTap:
-    """The markov runner, keeping a copy of each step's raw `confidence_logits`."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.last: np.ndarray | None = None
-
-    def run(self, feeds: dict, device_outputs: Sequence[str] = ()) -> dict:
-        out = self._inner.run(feeds, device_outputs=device_outputs)
-        self.last = np.array(out["confidence_logits"], dtype=np.float64)
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class _RecordingScheduler:
-    """The full-block fixed schedule, recording the active rows' logits of every step."""
-
-    name = "fixed"
-
-    def __init__(self, gamma: int, tap: _MarkovTap) -> None:
-        self._fixed = FixedScheduler(gamma)
-        self._tap = tap
-        self.steps: list[np.ndarray] = []
-
-    def verify_lengths(self, confidences: np.ndarray, active: np.ndarray) -> np.ndarray:
-        if self._tap.last is None or self._tap.last.shape[0] != len(active):
-            raise RuntimeError("the markov graph's confidence_logits were not seen before "
-                               "scheduling (the runtime loop changed; update the recorder)")
-        self.steps.append(self._tap.last[np.asarray(active, dtype=bool)])
-        self._tap.last = None
-        return self._fixed.verify_lengths(confidences, active)
-
-    def reset(self) -> None:
-        self.steps.clear()
-
-
 def record_rounds(pipe: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                   temperature: float = 0.0, seed: int = 0) -> Rounds:
-    """Run one batch with the full-block schedule; the rounds of each request, in order.
-
-    Rows are matched to steps the way the loop appends them: at step s the active rows are the
-    requests with more than s rounds, in index order (a finished row never comes back).
-    """
-    tap = _MarkovTap(pipe.markov)
-    recorder = _RecordingScheduler(pipe.gamma, tap)
-    pipe.markov = tap
-    try:
-        result = pipe.generate([list(p) for p in prompt_ids], max_new_tokens=max_new_tokens,
-                               temperature=temperature, seed=[seed + i for i in
-                                                              range(len(prompt_ids))],
-                               schedule=recorder)
-    finally:
-        pipe.markov = tap._inner
-    outs = result.requests
+    """Run one batch with the full-block schedule; every round of each request, in order."""
+    rounds: list[RoundRecord] = []
+    pipe.generate([list(p) for p in prompt_ids], max_new_tokens=max_new_tokens,
+                  temperature=temperature, seed=[seed + i for i in range(len(prompt_ids))],
+                  schedule="fixed", on_round=rounds.append)
     logits, accepted, verified, request, step = [], [], [], [], []
-    for s, block in enumerate(recorder.steps):
-        rows = [r for r, o in enumerate(outs) if len(o.accepted) > s]
-        if len(rows) != len(block):
-            raise RuntimeError(f"step {s}: {len(block)} rows drafted but {len(rows)} verified "
-                               "(the runtime loop changed; update the recorder)")
-        for r, z in zip(rows, block):
-            logits.append(z)
-            accepted.append(outs[r].accepted[s])
-            verified.append(outs[r].verified[s])
+    seen: dict[int, int] = {}  # rounds so far per request
+    for record in rounds:
+        for i, r in enumerate(record.request_ids):
+            logits.append(record.confidence_logits[i])
+            accepted.append(int(record.accepted[i]))
+            verified.append(int(record.verify_lengths[i]))
             request.append(r)
-            step.append(s)
-    if any(len(o.accepted) > len(recorder.steps) for o in outs):
-        raise RuntimeError("more verify rounds than drafting steps were recorded")
+            step.append(seen.get(r, 0))
+            seen[r] = seen.get(r, 0) + 1
     return Rounds(np.asarray(logits, dtype=np.float64).reshape(-1, pipe.gamma),
                   np.asarray(accepted, dtype=np.int64), np.asarray(verified, dtype=np.int64),
                   np.asarray(request, dtype=np.int64), np.asarray(step, dtype=np.int64),

@@ -11,6 +11,7 @@ from dspark_export.cli_calibrate import calibrate as calibrate_command
 from dspark_export.cli_distill import distill as distill_command
 from dspark_export.cli_profile import profile as profile_command
 from dspark_export.cli_run import run as run_command
+from dspark_runtime.server.cli import serve as serve_command
 
 DIR = click.Path(file_okay=False, path_type=Path)
 TARGET_HELP = "Hugging Face target model folder (default: the reference SmolLM2-135M-Instruct)."
@@ -203,6 +204,7 @@ main.add_command(run_command)
 main.add_command(calibrate_command)
 main.add_command(distill_command)
 main.add_command(profile_command)
+main.add_command(serve_command)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,18 @@ class CudaMemory:
         self.synchronize()
         return out
 
+    def write_rows(self, buffer: DeviceArray, array: DeviceArray, lo: int) -> None:
+        """One strided device copy: rows of `array` (pitch T) into rows lo.. of `buffer`
+        (pitch W >= T), leading positions of axis 1."""
+        rows, steps = array.shape[0], array.shape[1]
+        width = buffer.shape[1]
+        inner = buffer.row_bytes // width
+        cudart = _cudart()
+        cudart.check(cudart.lib.cudaMemcpy2DAsync(
+            ctypes.c_void_p(buffer.ptr + lo * buffer.row_bytes), width * inner,
+            ctypes.c_void_p(array.ptr), steps * inner, steps * inner, rows, 3, None))
+        self.synchronize()
+
     @staticmethod
     def synchronize() -> None:
         """Wait for the copies before the next graph reads them (ORT runs on its own stream)."""

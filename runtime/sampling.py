@@ -23,6 +23,14 @@ class RequestRandomness:
     def __init__(self, seeds: Sequence[int]) -> None:
         self.generators = [np.random.default_rng(int(s)) for s in seeds]
 
+    def reseed(self, row: int, seed: int) -> None:
+        """A new request in `row` (a slot freed by another) starts its own stream."""
+        self.generators[row] = np.random.default_rng(int(seed))
+
+    def draw_row(self, row: int, count: int) -> np.ndarray:
+        """float32 [1, count] for one row only."""
+        return self.generators[row].random(count).astype(np.float32)[None]
+
     def draw(self, count: int, rows: np.ndarray) -> np.ndarray:
         """float32 [B, count]; only `rows` (bool [B]) draw, others stay 0 and keep their state.
 

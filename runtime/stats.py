@@ -21,7 +21,7 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     prompt_length: int
-    finish_reason: str = "length"  # "stop" | "length" | "context"
+    finish_reason: str = "length"  # "stop" | "length" | "context" | "cancelled" | "error"
     accepted: list[int] = field(default_factory=list)  # accepted drafts per round
     verified: list[int] = field(default_factory=list)  # drafts submitted per round
 

@@ -69,8 +69,9 @@ class TextTokenizer:
                 ids.add(token_id)
         return frozenset(ids)
 
-    def render_chat(self, prompt: str) -> str:
-        """One user turn plus the generation prompt, as transformers renders it."""
+    def render_chat(self, prompt: str | list[dict[str, str]]) -> str:
+        """A user prompt (or a list of {role, content} messages) plus the generation prompt,
+        as transformers renders it."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template; pass the prompt raw")
         from jinja2.ext import loopcontrols
@@ -86,8 +87,13 @@ class TextTokenizer:
         env.globals.update(raise_exception=raise_exception,
                            strftime_now=lambda fmt: datetime.now().strftime(fmt))
         template = env.from_string(self.chat_template)
-        return template.render(messages=[{"role": "user", "content": prompt}],
-                               add_generation_prompt=True, **self.special_tokens)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return template.render(messages=messages, add_generation_prompt=True,
+                               **self.special_tokens)
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat (multi-turn {role, content} messages) through the template."""
+        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
 
     def encode_prompt(self, prompt: str, *, raw: bool = False) -> list[int]:
         """Token ids of a prompt, as the reference encodes it: the rendered template carries its

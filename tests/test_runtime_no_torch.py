@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +85,50 @@ def test_tiny_pipeline_runs_without_torch(tiny_export):
     want = Pipeline.from_bundle(tiny_export).generate(["t5 t6 t7"], max_new_tokens=6)
     assert report["tokens"] == want.requests[0].token_ids
     assert not report["leaked"]
+
+
+@pytest.mark.slow
+def test_runtime_distribution_serves_from_a_venv_without_torch(tiny_export, tmp_path):
+    """`pip install ./runtime[serve]` into a fresh venv (no torch there), then `dspark-serve`
+    answers the openai client with what the runtime gives in this process."""
+    openai = pytest.importorskip("openai", reason="the openai client comes with the dev extra")
+    from test_server import _free_port
+
+    from dspark_runtime.pipeline import Pipeline
+
+    root = Path(__file__).resolve().parents[1]
+    source = shutil.copytree(root / "runtime", tmp_path / "runtime",
+                             ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", f"{source}[serve]"],
+                         capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stderr
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"],
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
+    port = _free_port()
+    server = subprocess.Popen(["timeout", "300", str(venv / "bin" / "dspark-serve"),
+                               str(tiny_export), "--port", str(port), "--model-name", "tiny"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                               max_retries=0, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                reply = client.completions.create(model="tiny", prompt="t5 t6 t7", max_tokens=6,
+                                                  temperature=0)
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None, server.stdout.read().decode()
+                assert time.monotonic() < deadline, "dspark-serve did not start in 120 s"
+                time.sleep(0.5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    with Pipeline.from_bundle(tiny_export) as pipe:
+        want = pipe.generate([pipe.tokenizer.encode_prompt("t5 t6 t7", raw=True)],
+                             max_new_tokens=6).requests[0]
+    assert reply.choices[0].text == want.text

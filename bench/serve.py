@@ -1,0 +1,232 @@
+"""Serving under load: DSpark against the same bundle served target-only, 1/2/4/8 clients.
+
+Starts `dspark-serve BUNDLE` twice on 127.0.0.1 (DSpark, and `--target-only`), then at each
+load level runs each server in turn (order alternating by level) with N concurrent `openai`
+clients, each a closed loop over chat prompts of ../shared/eval (the same prompts in the same
+order for both, greedy). Prints per-user tokens/s (median over requests), aggregate tokens/s,
+TTFT and latency p50/p99, tau and the mean verify length (from the server's /metrics), and
+whether both servers returned the same text; writes bench/results/serve.json and serve.png.
+
+Usage: python bench/serve.py [--bundle dspark-bundle] [--clients 1,2,4,8] [--requests 8]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+MODEL = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`dspark-serve` in its own process group, stopped by its pid."""
+
+    def __init__(self, bundle: Path, slots: int, context: int, threads: int,
+                 target_only: bool) -> None:
+        self.port = free_port()
+        cmd = ["dspark-serve", str(bundle), "--port", str(self.port), "--model-name", MODEL,
+               "--max-batch", str(slots), "--max-context", str(context), "--max-queue", "64",
+               "--threads", str(threads)]
+        self.name = "target_only" if target_only else "dspark"
+        self.proc = subprocess.Popen(["timeout", "7200", *cmd]
+                                     + (["--target-only"] if target_only else []),
+                                     start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"{self.name} server exited with {self.proc.returncode}")
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.5)
+        sys.exit(f"{self.name} server did not start in {timeout} s")
+
+    def metric_sums(self) -> dict[str, float]:
+        """dspark_round_tokens and dspark_verify_length sums and counts."""
+        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
+        found = re.findall(r"^(dspark_(?:round_tokens|verify_length)_(?:sum|count)) (\S+)$",
+                           text, re.M)
+        return {name: float(value) for name, value in found}
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+async def one_request(client: Any, messages: list[dict], max_tokens: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    first, pieces, usage = None, [], None
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    end = time.perf_counter()
+    return {"text": "".join(pieces), "tokens": usage.completion_tokens, "latency": end - start,
+            "ttft": (first or end) - start, "tokens_per_s": usage.completion_tokens / (end - start)}
+
+
+async def load_level(server: Server, prompts: list[str], clients: int, max_tokens: int
+                     ) -> tuple[list[dict], float]:
+    """Each client takes the next prompt when its last request ends; (requests, wall s)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0,
+                                timeout=3600)
+    queue = list(enumerate(prompts))
+    results: list[dict | None] = [None] * len(prompts)
+
+    async def worker() -> None:
+        while queue:
+            i, prompt = queue.pop(0)
+            results[i] = await one_request(client, [{"role": "user", "content": prompt}],
+                                           max_tokens)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    await client.close()
+    return results, wall
+
+
+def summarise(requests: list[dict], wall: float, before: dict, after: dict) -> dict[str, Any]:
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    rounds = delta("dspark_round_tokens_count")
+    return {
+        "per_user_tokens_per_s": float(np.median([r["tokens_per_s"] for r in requests])),
+        "aggregate_tokens_per_s": sum(r["tokens"] for r in requests) / wall,
+        "ttft_p50_s": float(np.percentile([r["ttft"] for r in requests], 50)),
+        "ttft_p99_s": float(np.percentile([r["ttft"] for r in requests], 99)),
+        "latency_p50_s": float(np.percentile([r["latency"] for r in requests], 50)),
+        "latency_p99_s": float(np.percentile([r["latency"] for r in requests], 99)),
+        "tau": delta("dspark_round_tokens_sum") / rounds if rounds else None,
+        "mean_verify_length": delta("dspark_verify_length_sum") / rounds if rounds else None,
+        "requests": len(requests), "wall_s": wall}
+
+
+def plot(table: dict[int, dict[str, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted(table)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax, title in (("per_user_tokens_per_s", axes[0], "per-user tokens/s"),
+                           ("aggregate_tokens_per_s", axes[1], "aggregate tokens/s")):
+        for mode in ("dspark", "target_only"):
+            ax.plot(levels, [table[c][mode][key] for c in levels], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=Path("dspark-bundle"))
+    parser.add_argument("--clients", default="1,2,4,8")
+    parser.add_argument("--requests", type=int, default=8, help="requests per load level")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--max-context", type=int, default=512,
+                        help="cache positions per slot (rounds attend over all of them)")
+    args = parser.parse_args()
+    if not (args.bundle / "manifest.json").is_file():
+        sys.exit(f"{args.bundle}: no bundle (manifest.json missing); run `dspark-export build`")
+    from dspark_export.profile import load_eval_prompts
+
+    levels = [int(c) for c in args.clients.split(",")]
+    per_domain = -(-args.requests // 3)
+    sets = load_eval_prompts(per_domain)
+    mixed = [p for group in zip(*(v["prompts"] for v in sets.values())) for p in group]
+    prompts = mixed[:args.requests]
+    servers = [Server(args.bundle, max(levels), args.max_context, args.threads, target_only)
+               for target_only in (False, True)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        for server in servers:  # warm-up: first-call allocations and thread pools
+            asyncio.run(load_level(server, prompts[:1], 1, 8))
+        table: dict[int, dict[str, dict]] = {}
+        texts: dict[int, dict[str, list[str]]] = {}
+        for k, clients in enumerate(levels):
+            table[clients], texts[clients] = {}, {}
+            for server in (servers if k % 2 == 0 else servers[::-1]):
+                before = server.metric_sums()
+                requests, wall = asyncio.run(load_level(server, prompts, clients,
+                                                        args.max_tokens))
+                table[clients][server.name] = summarise(requests, wall, before,
+                                                        server.metric_sums())
+                texts[clients][server.name] = [r["text"] for r in requests]
+            row = table[clients]
+            same = texts[clients]["dspark"] == texts[clients]["target_only"]
+            row["same_text"] = same
+            row["per_user_ratio"] = (row["dspark"]["per_user_tokens_per_s"]
+                                     / row["target_only"]["per_user_tokens_per_s"])
+            row["aggregate_ratio"] = (row["dspark"]["aggregate_tokens_per_s"]
+                                      / row["target_only"]["aggregate_tokens_per_s"])
+            print(f"{clients} clients: per-user {row['dspark']['per_user_tokens_per_s']:.1f} vs "
+                  f"{row['target_only']['per_user_tokens_per_s']:.1f} tok/s "
+                  f"({row['per_user_ratio']:.2f}x), aggregate "
+                  f"{row['dspark']['aggregate_tokens_per_s']:.1f} vs "
+                  f"{row['target_only']['aggregate_tokens_per_s']:.1f} "
+                  f"({row['aggregate_ratio']:.2f}x), same text {same}", flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+    print("\n| clients | mode | per-user tok/s | aggregate tok/s | TTFT p50 / p99 s | "
+          "latency p50 / p99 s | tau | mean verify length |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for clients, row in table.items():
+        for mode in ("dspark", "target_only"):
+            r = row[mode]
+            tau = "-" if r["tau"] is None else f"{r['tau']:.2f}"
+            verify = "-" if r["mean_verify_length"] is None else f"{r['mean_verify_length']:.2f}"
+            print(f"| {clients} | {mode} | {r['per_user_tokens_per_s']:.1f} | "
+                  f"{r['aggregate_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} / "
+                  f"{r['ttft_p99_s']:.2f} | {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f}"
+                  f" | {tau} | {verify} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serve.json").write_text(json.dumps(
+        {"bundle": str(args.bundle), "max_tokens": args.max_tokens, "threads": args.threads,
+         "prompts": len(prompts), "date": time.strftime("%Y-%m-%d %H:%M"),
+         "levels": {str(c): row for c, row in table.items()}}, indent=2))
+    plot(table, RESULTS / "serve.png")
+    print(f"wrote {RESULTS / 'serve.json'} and serve.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Continuous batching: requests join and leave the running batch between steps.
+
+The engine owns `slots` rows of KV cache (target and draft) and the request in each slot. Each
+`step()`:
+1. admits waiting requests into free slots, the lowest first, so the window a round runs over
+   (first to last busy slot) stays compact;
+2. prefills newcomers in chunks of at most `prefill_chunk` tokens, up to `prefill_budget`
+   tokens a step, so a long prompt delays the others' rounds by one chunk at a time. When
+   drafting, each chunk's context features go into the draft cache at once (a draft run whose
+   block is discarded); a request whose prompt is in samples its first token;
+3. runs one round for the decoding slots: `_speculative_round` (draft -> markov -> schedule ->
+   target verify -> SpecVerify -> commit) or `_target_round` (one token a row);
+4. emits tokens, retires finished or cancelled requests and frees their slots.
+
+The accepted tokens' context features of a slot's last round wait in a per-slot buffer
+(`PendingContext`) until its next draft, so consecutive rounds may run over different windows.
+The scheduler sees every slot (idle ones inactive), so its state keeps one shape.
+Randomness is per request (sampling.py): a request's tokens do not depend on its neighbours.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .calibration import sigmoid
+from .kv import KVCache
+from .sampling import RequestRandomness, select_tokens
+from .stats import RequestOutput, StageTimer
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+DEFAULT_PREFILL_CHUNK = 512
+TextCallback = Callable[[int, str], None]  # (request id, new text)
+
+
+@dataclass
+class Request:
+    """One generation request: prompt token ids and its own sampling settings."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class RoundRecord:
+    """What one speculative round decided for the requests that took part in it."""
+
+    request_ids: list[int]
+    confidence_logits: np.ndarray  # [rows, G], raw (before calibration)
+    verify_lengths: np.ndarray  # [rows]
+    accepted: np.ndarray  # [rows]
+
+
+@dataclass
+class _Slot:
+    request_id: int
+    request: Request
+    output: RequestOutput
+    decoder: Any
+    prefilled: int = 0  # prompt tokens already in the caches
+
+
+class PendingContext:
+    """Per slot, the context features (and positions) of the tokens its last round accepted,
+    which the next draft run takes into the draft cache."""
+
+    def __init__(self, memory: Any, slots: int, width: int, features: int, dtype: Any) -> None:
+        self.memory = memory
+        self.features = memory.empty((slots, width, features), dtype)
+        self.positions = np.zeros((slots, width), dtype=np.int64)
+        self.counts = np.zeros(slots, dtype=np.int64)
+
+    def store(self, features: Any, positions: np.ndarray, counts: np.ndarray, lo: int) -> None:
+        """Rows lo:lo+len(counts) of the last target run; counts[b] of them are valid."""
+        self.memory.write_rows(self.features, features, lo)
+        self.positions[lo:lo + len(counts), :positions.shape[1]] = positions
+        self.counts[lo:lo + len(counts)] = counts
+
+
+class Engine:
+    """Requests in, tokens out, one `step()` at a time (see the module doc)."""
+
+    def __init__(self, pipe: Pipeline, *, slots: int, capacity: int, gamma: int,
+                 scheduler: Any = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefill_budget: int | None = None, on_text: TextCallback | None = None,
+                 on_round: Callable[[RoundRecord], None] | None = None,
+                 on_finish: Callable[[int, RequestOutput], None] | None = None) -> None:
+        """`capacity`: cache positions per slot (prompt + generated + one round's drafts);
+        `gamma` 0 decodes target-only; `scheduler` picks verify lengths when drafting.
+        A finished request goes to `on_finish` if given, else stays in `finished`."""
+        if gamma and scheduler is None:
+            raise ValueError("a speculative engine (gamma > 0) needs a scheduler")
+        self.pipe, self.gamma, self.scheduler = pipe, gamma, scheduler
+        self.capacity, self.prefill_chunk = capacity, prefill_chunk
+        self.prefill_budget = prefill_budget or prefill_chunk
+        self.on_text, self.on_round, self.on_finish = on_text, on_round, on_finish
+        self.kv = KVCache.for_graph(pipe.target, batch=slots, capacity=capacity)
+        if gamma:
+            self.draft_kv = KVCache.for_graph(pipe.draft, batch=slots, capacity=capacity)
+            _, _, features = pipe.draft.input_shapes["context_features"]
+            self.context = PendingContext(pipe.memory, slots, gamma + 1, int(features),
+                                          pipe.draft.input_dtypes["context_features"])
+            self.block_ids = np.full((slots, gamma), pipe.mask_token_id, dtype=np.int64)
+        self.slots: list[_Slot | None] = [None] * slots
+        self.waiting: deque[tuple[int, Request]] = deque()
+        self.finished: dict[int, RequestOutput] = {}
+        self.decoding = np.zeros(slots, dtype=bool)
+        self.anchors = np.zeros(slots, dtype=np.int64)
+        self.temperature = np.zeros(slots, dtype=np.float32)
+        self.rng = RequestRandomness([0] * slots)
+        self.offsets = np.arange(max(gamma, 1) + 1, dtype=np.int64)
+        self.timer = StageTimer()
+        self.steps = 0
+        self._next_id = 0
+
+    # --- requests --------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> int:
+        """Queue a request; its id. Refuses one whose prompt leaves no room to generate."""
+        if not request.prompt_ids:
+            raise ValueError("empty prompt")
+        if len(request.prompt_ids) + 1 > self.capacity:
+            raise ValueError(f"a prompt of {len(request.prompt_ids)} tokens leaves no room to "
+                             f"generate in {self.capacity} cache positions")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        request_id, self._next_id = self._next_id, self._next_id + 1
+        self.waiting.append((request_id, request))
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        """End a request, waiting or running (a running one frees its slot at once); it
+        finishes with reason "cancelled" and the tokens it has."""
+        for waiting in [w for w in self.waiting if w[0] == request_id]:
+            self.waiting.remove(waiting)
+            self._finish(request_id, RequestOutput("", [], len(waiting[1].prompt_ids),
+                                                   "cancelled"))
+        for s, slot in enumerate(self.slots):
+            if slot is not None and slot.request_id == request_id:
+                slot.output.finish_reason = "cancelled"
+                self._retire(s)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(slot is not None for slot in self.slots)
+
+    @property
+    def running(self) -> int:
+        return sum(slot is not None for slot in self.slots)
+
+    # --- one step --------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Admit, prefill up to the budget, then one round for the decoding slots."""
+        self._admit()
+        self._prefill()
+        if self.decoding.any():
+            if self.gamma:
+                self._speculative_round()
+            else:
+                self._target_round()
+            self.steps += 1
+
+    def _admit(self) -> None:
+        for s, slot in enumerate(self.slots):
+            if not self.waiting:
+                return
+            if slot is None:
+                request_id, request = self.waiting.popleft()
+                self.slots[s] = _Slot(request_id, request,
+                                      RequestOutput("", [], len(request.prompt_ids)),
+                                      self.pipe.tokenizer.stream())
+                self.kv.lengths[s] = 0
+                if self.gamma:
+                    self.draft_kv.lengths[s] = 0
+                    self.context.counts[s] = 0
+                self.temperature[s] = request.temperature
+                self.rng.reseed(s, request.seed)
+
+    def _prefill(self) -> None:
+        budget = self.prefill_budget
+        for s, slot in enumerate(self.slots):
+            while slot is not None and slot.prefilled < len(slot.request.prompt_ids) \
+                    and budget > 0:
+                budget -= self._prefill_chunk(s, slot, min(self.prefill_chunk, budget))
+
+    def _prefill_chunk(self, s: int, slot: _Slot, limit: int) -> int:
+        """The next chunk of slot `s`'s prompt into the caches; the first token after the last."""
+        prompt, start = slot.request.prompt_ids, slot.prefilled
+        end = min(len(prompt), start + limit)
+        n = end - start
+        positions = np.arange(start, end, dtype=np.int64)[None]
+        feeds = {"input_ids": np.array([prompt[start:end]], dtype=np.int64),
+                 "position_ids": positions, "past_lengths": np.array([start], dtype=np.int64),
+                 "new_lengths": np.array([n], dtype=np.int64),
+                 **self.kv.feeds(s, s + 1, empty=start == 0)}
+        self.timer.lap("host")
+        out = self.pipe.target.run(feeds, device_outputs=self._present_names("features"))
+        counts = np.array([n], dtype=np.int64)
+        self.kv.commit(out, counts, s)
+        if self.gamma:
+            self._ingest_context(s, out["features"], positions, counts)
+        slot.prefilled = end
+        if end == len(prompt):
+            u = self.rng.draw_row(s, 1)[:, 0]
+            first = select_tokens(out["logits"][:, n - 1], self.temperature[s:s + 1], u)
+            self.decoding[s] = True
+            self.timer.lap("prefill")
+            self._emit({s: [int(first[0])]})
+        else:
+            self.timer.lap("prefill")
+        return n
+
+    def _ingest_context(self, s: int, features: Any, positions: np.ndarray,
+                        counts: np.ndarray) -> None:
+        """A prompt chunk's context features into slot `s`'s draft cache."""
+        draft = self.pipe.draft
+        feeds = {"block_ids": self.block_ids[s:s + 1],
+                 "block_positions": positions[:, -1:] + 1 + self.offsets[None, :self.gamma],
+                 "context_features": features, "context_positions": positions,
+                 "context_lengths": counts, "past_lengths": self.draft_kv.lengths[s:s + 1],
+                 **self.draft_kv.feeds(s, s + 1)}
+        out = draft.run(feeds, device_outputs=draft.output_names)
+        self.draft_kv.commit(out, counts, s)
+
+    def _present_names(self, *extra: str) -> list[str]:
+        return [n for n in self.pipe.target.output_names if n.startswith("present_")] + list(extra)
+
+    def _graph(self, runner: Any, feeds: dict[str, Any], keep: Sequence[str], stage: str) -> dict:
+        self.timer.lap("host")
+        out = runner.run(feeds, device_outputs=keep)
+        self.timer.lap(stage, graph=True)
+        return out
+
+    def _window(self) -> tuple[int, int, np.ndarray]:
+        rows = np.flatnonzero(self.decoding)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        return lo, hi, self.decoding[lo:hi]
+
+    def _verify_feeds(self, lo: int, hi: int, lengths: np.ndarray, width: int,
+                      draft_ids: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray]:
+        """Target inputs for the anchor + lengths[b] drafts of rows lo:hi, `width` tokens a row."""
+        pos = self.kv.lengths[lo:hi]
+        ids = np.empty((hi - lo, width), dtype=np.int64)
+        ids[:, 0] = self.anchors[lo:hi]
+        if width > 1:
+            ids[:, 1:] = draft_ids[:, :width - 1]
+        positions = pos[:, None] + self.offsets[:width]
+        return {"input_ids": ids, "position_ids": positions, "past_lengths": pos,
+                "new_lengths": 1 + lengths, **self.kv.feeds(lo, hi)}, positions
+
+    def _target_round(self) -> None:
+        """One target token per decoding slot (the SpecVerify rule for 0 drafts, on the host)."""
+        lo, hi, active = self._window()
+        feeds, _ = self._verify_feeds(lo, hi, np.zeros(hi - lo, dtype=np.int64), 1)
+        # features stay on the device: unused here, and not worth a copy to the host
+        out = self._graph(self.pipe.target, feeds, self._present_names("features"),
+                          "target_verify")
+        uniforms = self.rng.draw(1, self.decoding)[lo:hi, 0]
+        tokens = select_tokens(out["logits"][:, 0], self.temperature[lo:hi], uniforms)
+        self.timer.lap("spec_verify")
+        self.kv.commit(out, active.astype(np.int64), lo)
+        self._emit({lo + b: [int(tokens[b])] for b in np.flatnonzero(active)})
+
+    def _speculative_round(self) -> None:
+        lo, hi, active = self._window()
+        draft_ids, draft_probs, lengths, logits = self._draft(lo, hi, active)
+        room = self.capacity - self.kv.lengths[lo:hi] - 1  # verify tokens beyond the anchor
+        lengths = np.clip(lengths, 0, np.maximum(room, 0))
+        u_verify = self.rng.draw(self.gamma + 1, self.decoding)[lo:hi]
+        # SpecVerify needs G >= 1: with no drafts at all, verify one padded draft of length 0.
+        width = 1 + max(int(lengths.max()), 1)
+        feeds, positions = self._verify_feeds(lo, hi, lengths, width, draft_ids)
+        out = self._graph(self.pipe.target, feeds,
+                          self._present_names("features", "logits"), "target_verify")
+        u = np.concatenate([u_verify[:, :width - 1], u_verify[:, -1:]], axis=1)
+        verdict = self._graph(self.pipe.verify, {
+            "target_logits": out["logits"], "draft_ids": draft_ids[:, :width - 1].copy(),
+            "draft_probs": self.pipe.memory.leading(draft_probs, width - 1),
+            "verify_lengths": lengths, "temperature": self.temperature[lo:hi],
+            "uniforms": u}, (), "spec_verify")
+        accepted, tokens = verdict["accepted"], verdict["tokens"]
+        counts = np.where(active, accepted + 1, 0)
+        self.kv.commit(out, counts, lo)
+        self.context.store(out["features"], positions, counts, lo)
+        rows = np.flatnonzero(active)
+        for b in rows:
+            output = self.slots[lo + b].output
+            output.accepted.append(int(accepted[b]))
+            output.verified.append(int(lengths[b]))
+        if self.on_round is not None:
+            self.on_round(RoundRecord([self.slots[lo + b].request_id for b in rows],
+                                      np.array(logits[rows], dtype=np.float64),
+                                      lengths[rows].copy(), np.asarray(accepted)[rows].copy()))
+        self._emit({lo + b: tokens[b, :accepted[b] + 1].tolist() for b in rows})
+
+    def _draft(self, lo: int, hi: int, active: np.ndarray
+               ) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray]:
+        """Draft + markov + schedule: draft ids [rows, G], draft probs, verify lengths [rows],
+        raw confidence logits [rows, G]."""
+        memory, context = self.pipe.memory, self.context
+        counts = np.where(active, context.counts[lo:hi], 0)
+        block = self.block_ids[lo:hi]
+        block[:, 0] = self.anchors[lo:hi]
+        pos = self.kv.lengths[lo:hi]
+        feeds = {"block_ids": block, "block_positions": pos[:, None] + self.offsets[:self.gamma],
+                 "context_features": memory.rows(context.features, lo, hi),
+                 "context_positions": context.positions[lo:hi], "context_lengths": counts,
+                 "past_lengths": self.draft_kv.lengths[lo:hi], **self.draft_kv.feeds(lo, hi)}
+        names = self.pipe.draft.output_names
+        out = self._graph(self.pipe.draft, feeds, names, "draft")
+        self.draft_kv.commit(out, counts, lo)
+        context.counts[lo:hi] = 0
+        uniforms = self.rng.draw(self.gamma, self.decoding)[lo:hi]
+        marked = self._graph(self.pipe.markov, {
+            "base_logits": out["base_logits"], "hidden_states": out["hidden_states"],
+            "anchor_ids": self.anchors[lo:hi], "temperature": self.temperature[lo:hi],
+            "uniforms": uniforms}, ("draft_probs",), "markov")
+        logits = np.asarray(marked["confidence_logits"])
+        calibration = self.pipe.calibration
+        confidence = np.zeros((len(self.slots), self.gamma), dtype=np.float64)
+        confidence[lo:hi] = calibration.apply(logits) if calibration else sigmoid(logits)
+        lengths = self.scheduler.verify_lengths(confidence, self.decoding)[lo:hi]
+        self.timer.lap("schedule")
+        return marked["draft_ids"], marked["draft_probs"], np.asarray(lengths), logits
+
+    # --- tokens out ------------------------------------------------------------------------
+
+    def _emit(self, new_tokens: dict[int, list[int]]) -> None:
+        """Append tokens (cut at a stop token, kept, or the budget), stream text, retire."""
+        stop_ids = self.pipe.tokenizer.stop_ids
+        for s, tokens in new_tokens.items():
+            slot = self.slots[s]
+            out = slot.output
+            tokens = tokens[:slot.request.max_new_tokens - len(out.token_ids)]
+            stop = next((k for k, t in enumerate(tokens) if t in stop_ids), None)
+            if stop is not None:
+                tokens, out.finish_reason = tokens[:stop + 1], "stop"
+            out.token_ids.extend(tokens)
+            self.anchors[s] = tokens[-1]
+            done = stop is not None or len(out.token_ids) >= slot.request.max_new_tokens
+            if not done and self.kv.lengths[s] + 1 > self.capacity:  # no room for the anchor
+                done, out.finish_reason = True, "context"
+            if self.on_text is not None:
+                text = slot.decoder.push(tokens) + (slot.decoder.flush() if done else "")
+                if text:
+                    self.on_text(slot.request_id, text)
+            if done:
+                self._retire(s)
+
+    def _retire(self, s: int) -> None:
+        slot = self.slots[s]
+        slot.output.text = self.pipe.tokenizer.decode(slot.output.token_ids)
+        self.slots[s] = None
+        self.decoding[s] = False
+        self._finish(slot.request_id, slot.output)
+
+    def _finish(self, request_id: int, output: RequestOutput) -> None:
+        if self.on_finish is not None:
+            self.on_finish(request_id, output)
+        else:
+            self.finished[request_id] = output

@@ -1,0 +1,121 @@
+"""The engine on a thread of its own, for asyncio callers.
+
+The engine is not thread-safe, so one lock guards it: the engine thread holds it for one step
+at a time, and `submit`/`cancel` take it between steps (a caller waits at most one step).
+Events a step produces (text, the finished output) are posted to the asyncio queue of their
+request with `call_soon_threadsafe`. A step that raises fails the requests it held with that
+message and the engine carries on: one bad request never takes the server down.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine import Engine, Request, RoundRecord
+from ..schedule import make_scheduler
+from ..stats import RequestOutput
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the server's queue holds."""
+
+
+@dataclass
+class Event:
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    output: RequestOutput | None = None
+
+
+class AsyncEngine:
+    """Submit requests from asyncio and read their events; the loop runs on a thread."""
+
+    def __init__(self, pipe: Any, *, max_batch: int, capacity: int, max_queue: int,
+                 target_only: bool = False, metrics: Any = None) -> None:
+        gamma = 0 if target_only else pipe.gamma
+        scheduler = make_scheduler(pipe.schedule, gamma=gamma, sps=pipe.sps,
+                                   threshold=pipe.threshold) if gamma else None
+        self.pipe, self.max_queue, self.metrics = pipe, max_queue, metrics
+        self.engine = Engine(pipe, slots=max_batch, capacity=capacity, gamma=gamma,
+                             scheduler=scheduler, on_text=self._on_text,
+                             on_finish=self._on_finish, on_round=self._on_round)
+        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="dspark-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: Request) -> tuple[int, asyncio.Queue]:
+        """Queue a request (ValueError for one the engine refuses, QueueFull when full)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            free = len(self.engine.slots) - self.engine.running
+            if len(self.engine.waiting) >= self.max_queue + free:
+                raise QueueFull(f"all {len(self.engine.slots)} slots are busy and "
+                                f"{len(self.engine.waiting) - free} requests wait")
+            request_id = self.engine.submit(request)
+            self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._wake.set()
+        return request_id, queue
+
+    def cancel(self, request_id: int) -> None:
+        """End the request now and free its slot; its output (so far) comes as "done"."""
+        with self._lock:
+            self.engine.cancel(request_id)
+
+    def load(self) -> tuple[int, int]:
+        """(waiting, running) requests."""
+        return len(self.engine.waiting), self.engine.running
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            with self._lock:
+                busy = self.engine.has_work()
+                if busy:
+                    try:
+                        self.engine.step()
+                    except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
+                        self._fail_all(exc)
+                if self.metrics is not None:
+                    self.metrics.load(*self.load())
+            if not busy:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+
+    def _fail_all(self, exc: Exception) -> None:
+        held = [w[0] for w in self.engine.waiting]
+        held += [slot.request_id for slot in self.engine.slots if slot is not None]
+        for request_id in held:
+            target = self._queues.pop(request_id, None)
+            self.engine.cancel(request_id)
+            if target is not None:
+                self._post(target, Event("error", text=f"generation failed: {exc}"))
+
+    @staticmethod
+    def _post(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue], event: Event) -> None:
+        loop, queue = target
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def _on_text(self, request_id: int, text: str) -> None:
+        target = self._queues.get(request_id)
+        if target is not None:
+            self._post(target, Event("text", text=text))
+
+    def _on_finish(self, request_id: int, output: RequestOutput) -> None:
+        target = self._queues.pop(request_id, None)
+        if target is not None:
+            self._post(target, Event("done", output=output))
+
+    def _on_round(self, record: RoundRecord) -> None:
+        if self.metrics is not None:
+            self.metrics.round(record)
