@@ -131,11 +131,11 @@ class ModeSpec:
 
 def profile_modes(pipe: Any) -> list[ModeSpec]:
     """The four modes of `dspark-export profile` on one pipeline."""
-    from dspark_runtime.schedule import FixedScheduler, auto_schedule, make_scheduler
+    from dspark_runtime.schedule import FixedScheduler, auto_schedule
 
     gamma = pipe.gamma
     scheduled = auto_schedule(pipe.sps)
-    scheduler = make_scheduler(scheduled, gamma=gamma, sps=pipe.sps, threshold=pipe.threshold)
+    scheduler = pipe.make_scheduler(scheduled)
     why = ("hardware-aware (paper Algorithm 1, the bundle's SPS(B) table)" if pipe.sps is not None
            else f"confidence threshold {pipe.threshold:g} (the bundle has no SPS(B) table)")
     return [

@@ -122,8 +122,8 @@ class Engine:
 
     # --- requests --------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> int:
-        """Queue a request; its id. Refuses one whose prompt leaves no room to generate."""
+    def check(self, request: Request) -> None:
+        """ValueError for a request this engine cannot take (pure: callable from any thread)."""
         if not request.prompt_ids:
             raise ValueError("empty prompt")
         if len(request.prompt_ids) + 1 > self.capacity:
@@ -131,7 +131,12 @@ class Engine:
                              f"generate in {self.capacity} cache positions")
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
-        request_id, self._next_id = self._next_id, self._next_id + 1
+
+    def submit(self, request: Request, request_id: int | None = None) -> int:
+        """Queue a request (under `request_id`, or the next free id); its id."""
+        self.check(request)
+        if request_id is None:
+            request_id, self._next_id = self._next_id, self._next_id + 1
         self.waiting.append((request_id, request))
         return request_id
 

@@ -87,6 +87,14 @@ class Pipeline:
                    calibration=calibration, sps=sps, schedule=schedule, threshold=threshold,
                    max_batch=bundle.shapes.get("max_batch"))
 
+    def make_scheduler(self, name: str | None = None, threshold: float | None = None
+                       ) -> Scheduler:
+        """A scheduler by name (default: the pipeline's) for this bundle's engine, whose
+        graphs pad every verify row to the longest (`make_scheduler(padded=True)`)."""
+        return make_scheduler(name or self.schedule, gamma=self.gamma, sps=self.sps,
+                              threshold=self.threshold if threshold is None else threshold,
+                              padded=True)
+
     def close(self) -> None:
         """Release every runner's sessions, engines and device memory (idempotent)."""
         for runner in self.runners.values():
@@ -133,8 +141,7 @@ class Pipeline:
         gamma = 0 if target_only else self.gamma
         scheduler = None if target_only else schedule
         if not target_only and not hasattr(schedule, "verify_lengths"):
-            scheduler = make_scheduler(schedule or self.schedule, gamma=gamma, sps=self.sps,
-                                       threshold=self.threshold if threshold is None else threshold)
+            scheduler = self.make_scheduler(schedule, threshold)
         if scheduler is not None:
             scheduler.reset()
         capacity = min(max(len(p) for p in prompt_ids) + max_new_tokens + gamma + 1,

@@ -69,10 +69,30 @@ def sorted_candidates(survival: np.ndarray, active: np.ndarray) -> tuple[np.ndar
     return rows[order], vals[order]
 
 
-def expected_throughput(survivals: np.ndarray, n_active: int, sps: SPSTable) -> np.ndarray:
-    """Theta_k = tau_k * SPS(B_k) after admitting the first k sorted candidates, k = 0..M."""
+def candidate_positions(rows: np.ndarray) -> np.ndarray:
+    """The draft index j (1-based) of each sorted candidate: admitted sets are prefixes, so it
+    is one more than the number of the row's candidates sorted before it."""
+    order = np.argsort(rows, kind="stable")
+    ranked = rows[order]
+    positions = np.empty(len(rows), dtype=np.int64)
+    positions[order] = np.arange(len(rows)) - np.searchsorted(ranked, ranked) + 1
+    return positions
+
+
+def expected_throughput(survivals: np.ndarray, n_active: int, sps: SPSTable,
+                        positions: np.ndarray | None = None) -> np.ndarray:
+    """Theta_k = tau_k * SPS(B_k) after admitting the first k sorted candidates, k = 0..M.
+
+    B_k = n_active + k (the paper: ragged verification), or, given the candidates'
+    `positions`, n_active * (1 + the longest admitted row): what a verify batch padded to its
+    longest row costs, as this runtime's graphs run it.
+    """
     tau = n_active + np.concatenate(([0.0], np.cumsum(survivals)))
-    return tau * sps(n_active + np.arange(len(survivals) + 1))
+    if positions is None:
+        tokens = n_active + np.arange(len(survivals) + 1)
+    else:
+        tokens = n_active * (1 + np.maximum.accumulate(np.concatenate(([0], positions))))
+    return tau * sps(tokens)
 
 
 def lengths_from_admitted(rows: np.ndarray, batch: int) -> np.ndarray:
@@ -136,17 +156,19 @@ class HardwareScheduler:
 
     name = "hardware"
 
-    def __init__(self, sps: SPSTable) -> None:
-        self.sps = sps
+    def __init__(self, sps: SPSTable, *, padded: bool = False) -> None:
+        """`padded`: cost a verify batch as padded to its longest row (`expected_throughput`)."""
+        self.sps, self.padded = sps, padded
 
     def verify_lengths(self, confidences: np.ndarray, active: np.ndarray) -> np.ndarray:
         c, act = check_inputs(confidences, active)
         rows, vals = sorted_candidates(prefix_survival(c), act)
-        return lengths_from_admitted(rows[:self.cutoff(vals, int(act.sum()))], len(act))
+        return lengths_from_admitted(rows[:self.cutoff(vals, int(act.sum()), rows)], len(act))
 
-    def cutoff(self, survivals: np.ndarray, n_active: int) -> int:
+    def cutoff(self, survivals: np.ndarray, n_active: int, rows: np.ndarray) -> int:
         """Number of sorted candidates admitted before the first non-improving admission."""
-        theta = expected_throughput(survivals, n_active, self.sps)
+        positions = candidate_positions(rows) if self.padded else None
+        theta = expected_throughput(survivals, n_active, self.sps, positions)
         improves = theta[1:] > theta[:-1]
         return len(survivals) if improves.all() else int(improves.argmin())
 
@@ -171,9 +193,9 @@ class AsyncScheduler:
     name = "async"
     lag = 2
 
-    def __init__(self, sps: SPSTable) -> None:
-        self.sps = sps
-        self._fallback = HardwareScheduler(sps)
+    def __init__(self, sps: SPSTable, *, padded: bool = False) -> None:
+        self.sps, self.padded = sps, padded
+        self._fallback = HardwareScheduler(sps, padded=padded)
         self._history: deque[np.ndarray] = deque(maxlen=self.lag)
 
     def verify_lengths(self, confidences: np.ndarray, active: np.ndarray) -> np.ndarray:
@@ -185,7 +207,7 @@ class AsyncScheduler:
         rows, vals = sorted_candidates(survival, act)
         n_active = int(act.sum())
         if len(self._history) < self.lag:
-            budget = self._fallback.cutoff(vals, n_active)
+            budget = self._fallback.cutoff(vals, n_active, rows)
         else:
             budget = self.budget(self._history[0], act)
         self._history.append(survival)
@@ -193,8 +215,10 @@ class AsyncScheduler:
 
     def budget(self, old_survival: np.ndarray, active: np.ndarray) -> int:
         """K maximising Theta over the old candidates of rows still active (first maximum)."""
-        _, old_vals = sorted_candidates(old_survival, active)
-        return int(np.argmax(expected_throughput(old_vals, int(active.sum()), self.sps)))
+        old_rows, old_vals = sorted_candidates(old_survival, active)
+        positions = candidate_positions(old_rows) if self.padded else None
+        return int(np.argmax(expected_throughput(old_vals, int(active.sum()), self.sps,
+                                                 positions)))
 
     def reset(self) -> None:
         self._history.clear()
@@ -209,9 +233,11 @@ def auto_schedule(sps: SPSTable | None) -> str:
 
 
 def make_scheduler(name: str, *, gamma: int, threshold: float = DEFAULT_THRESHOLD,
-                   sps: SPSTable | None = None, length: int | None = None) -> Scheduler:
+                   sps: SPSTable | None = None, length: int | None = None,
+                   padded: bool = False) -> Scheduler:
     """Build a scheduler by its user-facing name (`auto`: `auto_schedule`); `length` (fixed
-    only) defaults to gamma."""
+    only) defaults to gamma; `padded` (hardware, async): cost verify batches as padded to
+    their longest row, as the runtime's graphs run them."""
     if gamma < 1:
         raise ValueError(f"gamma (the draft block size) must be >= 1, got {gamma}")
     if name == AUTO:
@@ -228,5 +254,6 @@ def make_scheduler(name: str, *, gamma: int, threshold: float = DEFAULT_THRESHOL
             raise ValueError(f"scheduler '{name}' needs the engine's SPS(B) cost table, but the "
                              f"bundle has no {SPS_TABLE_FILENAME} (it was built without SPS "
                              "profiling); rebuild with profiling or use 'fixed' or 'threshold'")
-        return HardwareScheduler(sps) if name == "hardware" else AsyncScheduler(sps)
+        kind = HardwareScheduler if name == "hardware" else AsyncScheduler
+        return kind(sps, padded=padded)
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from biased_schedulers import GlobalSearchScheduler
 from dspark_runtime.schedule import (
     AsyncScheduler, FixedScheduler, HardwareScheduler, ThresholdScheduler, auto_schedule,
-    make_scheduler,
+    candidate_positions, make_scheduler,
 )
 from dspark_runtime.sps import SPSTable
 
@@ -26,8 +26,10 @@ def flat(max_tokens: int = 1024) -> SPSTable:
     return SPSTable([1, max_tokens], [100.0, 100.0])
 
 
-def algorithm1(c: np.ndarray, active: np.ndarray, sps: SPSTable) -> np.ndarray:
-    """Paper Algorithm 1 transcribed line by line, as an oracle for the vectorised version."""
+def algorithm1(c: np.ndarray, active: np.ndarray, sps: SPSTable,
+               padded: bool = False) -> np.ndarray:
+    """Paper Algorithm 1 transcribed line by line, as an oracle for the vectorised version;
+    `padded`: the verify batch costs n * (1 + the longest row) instead of n + admitted."""
     a = np.cumprod(c, axis=1)
     cands = [(-a[r, j], j, r) for r in range(len(c)) if active[r]
              for j in range(c.shape[1]) if a[r, j] > 0]
@@ -40,7 +42,7 @@ def algorithm1(c: np.ndarray, active: np.ndarray, sps: SPSTable) -> np.ndarray:
         lengths[r] = j + 1
         batch += 1
         tau += -neg_a
-        theta = tau * sps(batch)
+        theta = tau * sps(n * (1 + int(lengths.max())) if padded else batch)
         if theta > theta_best:
             theta_best, best = theta, lengths.copy()
         else:
@@ -195,6 +197,30 @@ def test_hardware_matches_algorithm1_and_theta_rises_along_the_path(batch, rates
 
 
 @PROPERTY
+@given(batches, decreasing)
+def test_padded_hardware_matches_its_algorithm1(batch, rates):
+    """Costed as the runtime pads verify rows; the same as the paper's for a single row."""
+    c, active = batch
+    sps = SPSTable(list(range(1, 37)), list(rates * 1000.0))
+    padded = HardwareScheduler(sps, padded=True).verify_lengths(c, active)
+    np.testing.assert_array_equal(padded, algorithm1(c, active, sps, padded=True))
+    if active.sum() <= 1:
+        np.testing.assert_array_equal(padded, HardwareScheduler(sps).verify_lengths(c, active))
+
+
+def test_padding_shortens_a_lone_long_row():
+    """One confident row and one doubtful: ragged costing verifies the confident row's whole
+    block; padded costing sees that every row would pay for that width."""
+    c = np.array([[0.99] * 6, [0.1] * 6])
+    active = np.ones(2, dtype=bool)
+    sps = SPSTable([1, 14], [100.0, 30.0])
+    ragged = HardwareScheduler(sps).verify_lengths(c, active)
+    padded = HardwareScheduler(sps, padded=True).verify_lengths(c, active)
+    assert ragged.max() > padded.max() and (padded <= ragged).all()
+    assert candidate_positions(np.array([1, 0, 1, 1, 0])).tolist() == [1, 1, 2, 3, 2]
+
+
+@PROPERTY
 @given(batches, decreasing, st.lists(st.floats(0.3, 1.0), min_size=36, max_size=36),
        st.integers(0, 3))
 def test_steeper_sps_never_gives_a_longer_budget(batch, rates, extra_drop, stride):
@@ -217,7 +243,13 @@ def test_steeper_sps_never_gives_a_longer_budget(batch, rates, extra_drop, strid
 @given(batches, decreasing, st.data())
 def test_admission_never_depends_on_the_token_it_admits(batch, rates, data):
     """Non-anticipation: changing c_{r,k+1..G} (which x_{r,k} determines) must not change
-    whether x_{r,k} is verified, for Algorithm 1 and for the async scheduler."""
+    whether x_{r,k} is verified, for Algorithm 1 and for the async scheduler, ragged or
+    padded."""
+    for padded in (False, True):
+        _check_non_anticipation(batch, rates, data, padded)
+
+
+def _check_non_anticipation(batch, rates, data, padded: bool) -> None:
     c, active = batch
     r = data.draw(st.integers(0, len(c) - 1))
     k = data.draw(st.integers(1, c.shape[1]))
@@ -225,12 +257,12 @@ def test_admission_never_depends_on_the_token_it_admits(batch, rates, data):
     other[r, k:] = data.draw(st.lists(st.floats(0.0, 1.0), min_size=c.shape[1] - k,
                                       max_size=c.shape[1] - k))
     sps = SPSTable(list(range(1, 37)), list(rates * 1000.0))
-    hw = HardwareScheduler(sps)
+    hw = HardwareScheduler(sps, padded=padded)
     assert (hw.verify_lengths(c, active)[r] >= k) == (hw.verify_lengths(other, active)[r] >= k)
     history = [data.draw(confidences(*c.shape)) for _ in range(2)]
     results = []
     for current in (c, other):
-        sched = AsyncScheduler(sps)
+        sched = AsyncScheduler(sps, padded=padded)
         for old in history:
             sched.verify_lengths(old, np.ones(len(c), bool))
         results.append(sched.verify_lengths(current, active)[r] >= k)

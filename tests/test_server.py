@@ -40,12 +40,12 @@ def export(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(export):
-    """(base url, port): a server with 2 slots, a queue of 1 and an API key."""
+    """(base url, port): a server with 2 slots, a queue of 2 and an API key."""
     port = _free_port()
     log = open(export.parent / f"server-{port}.log", "w")
     proc = subprocess.Popen(
         ["timeout", "900", sys.executable, "-m", "dspark_runtime.server.cli", str(export),
-         "--port", str(port), "--max-batch", str(SLOTS), "--max-queue", "1", "--api-key", KEY,
+         "--port", str(port), "--max-batch", str(SLOTS), "--max-queue", "2", "--api-key", KEY,
          "--model-name", MODEL, "--schedule", "fixed", "--max-context", "256"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -117,6 +117,8 @@ class _Generation:
         try:
             self.request_id, self.queue = engine.submit(
                 EngineRequest(prompt_ids, max_tokens, body.temperature, seed))
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), param="prompt") from exc
         except QueueFull as exc:
             metrics.requests.labels("rejected").inc()
             raise OpenAIError(503, f"the server is at capacity ({exc}); retry later",

@@ -1,20 +1,22 @@
 """The engine on a thread of its own, for asyncio callers.
 
-The engine is not thread-safe, so one lock guards it: the engine thread holds it for one step
-at a time, and `submit`/`cancel` take it between steps (a caller waits at most one step).
-Events a step produces (text, the finished output) are posted to the asyncio queue of their
-request with `call_soon_threadsafe`. A step that raises fails the requests it held with that
-message and the engine carries on: one bad request never takes the server down.
+Only the engine thread touches the engine: `submit` and `cancel` put commands in an inbox that
+the thread drains between steps, so the event loop never waits for a step (a lock shared with
+a thread that steps back to back starves the loop, and every stream with it). Events a step
+produces (text, the finished output) are posted to the asyncio queue of their request with
+`call_soon_threadsafe`. A step that raises fails the requests it held with that message and
+the engine carries on: one bad request never takes the server down.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
+import queue
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Engine, Request, RoundRecord
-from ..schedule import make_scheduler
 from ..stats import RequestOutput
 
 
@@ -35,14 +37,14 @@ class AsyncEngine:
     def __init__(self, pipe: Any, *, max_batch: int, capacity: int, max_queue: int,
                  target_only: bool = False, metrics: Any = None) -> None:
         gamma = 0 if target_only else pipe.gamma
-        scheduler = make_scheduler(pipe.schedule, gamma=gamma, sps=pipe.sps,
-                                   threshold=pipe.threshold) if gamma else None
+        scheduler = pipe.make_scheduler() if gamma else None
         self.pipe, self.max_queue, self.metrics = pipe, max_queue, metrics
         self.engine = Engine(pipe, slots=max_batch, capacity=capacity, gamma=gamma,
                              scheduler=scheduler, on_text=self._on_text,
                              on_finish=self._on_finish, on_round=self._on_round)
         self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="dspark-engine", daemon=True)
@@ -57,40 +59,53 @@ class AsyncEngine:
 
     def submit(self, request: Request) -> tuple[int, asyncio.Queue]:
         """Queue a request (ValueError for one the engine refuses, QueueFull when full)."""
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            free = len(self.engine.slots) - self.engine.running
-            if len(self.engine.waiting) >= self.max_queue + free:
-                raise QueueFull(f"all {len(self.engine.slots)} slots are busy and "
-                                f"{len(self.engine.waiting) - free} requests wait")
-            request_id = self.engine.submit(request)
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self.engine.check(request)
+        waiting, running = self.load()
+        free = len(self.engine.slots) - running
+        if waiting >= self.max_queue + free:
+            raise QueueFull(f"all {len(self.engine.slots)} slots are busy and "
+                            f"{waiting - free} requests wait")
+        request_id = next(self._ids)
+        events: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), events)
+        self._inbox.put(("submit", request_id, request))
         self._wake.set()
-        return request_id, queue
+        return request_id, events
 
     def cancel(self, request_id: int) -> None:
-        """End the request now and free its slot; its output (so far) comes as "done"."""
-        with self._lock:
-            self.engine.cancel(request_id)
+        """End the request and free its slot; its output (so far) comes as "done"."""
+        self._inbox.put(("cancel", request_id, None))
+        self._wake.set()
 
     def load(self) -> tuple[int, int]:
-        """(waiting, running) requests."""
-        return len(self.engine.waiting), self.engine.running
+        """(waiting, running) requests, as far as the engine thread has taken them in."""
+        return len(self.engine.waiting) + self._inbox.qsize(), self.engine.running
 
     def _loop(self) -> None:
         while not self._stopping:
-            with self._lock:
-                busy = self.engine.has_work()
-                if busy:
-                    try:
-                        self.engine.step()
-                    except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
-                        self._fail_all(exc)
-                if self.metrics is not None:
-                    self.metrics.load(*self.load())
+            self._take_commands()
+            busy = self.engine.has_work()
+            if busy:
+                try:
+                    self.engine.step()
+                except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
+                    self._fail_all(exc)
+            if self.metrics is not None:
+                self.metrics.load(*self.load())
             if not busy:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
+
+    def _take_commands(self) -> None:
+        while True:
+            try:
+                command, request_id, request = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "submit":
+                self.engine.submit(request, request_id)
+            else:
+                self.engine.cancel(request_id)
 
     def _fail_all(self, exc: Exception) -> None:
         held = [w[0] for w in self.engine.waiting]
@@ -103,8 +118,8 @@ class AsyncEngine:
 
     @staticmethod
     def _post(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue], event: Event) -> None:
-        loop, queue = target
-        loop.call_soon_threadsafe(queue.put_nowait, event)
+        loop, events = target
+        loop.call_soon_threadsafe(events.put_nowait, event)
 
     def _on_text(self, request_id: int, text: str) -> None:
         target = self._queues.get(request_id)
