@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for profile in profiles:
-            rows.append(measure(profile, Path(tmp)))
+            try:
+                rows.append(measure(profile, Path(tmp)))
+            except subprocess.CalledProcessError as exc:  # report it, go on with the others
+                lines = [line for line in (exc.stderr or "").splitlines() if line.strip()]
+                rows.append({"profile": profile, "error": lines[-1] if lines else str(exc)})
+                print(f"{profile:<10} FAILED: {rows[-1]['error']}")
+                continue
             report(rows[-1])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "build.json").write_text(json.dumps(rows, indent=2))
