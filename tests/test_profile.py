@@ -111,11 +111,16 @@ def test_profile_json_flag_and_default_out_dir(tiny_bundle, prompt_files, tmp_pa
 def test_profile_modes_use_the_hardware_scheduler_with_an_sps_table():
     from dspark_runtime.sps import SPSTable
 
+    from dspark_runtime.pipeline import Pipeline
+
     sps = SPSTable([1, 8], [100.0, 80.0])
-    pipe = SimpleNamespace(gamma=5, sps=sps, threshold=0.5)
+    pipe = SimpleNamespace(gamma=5, sps=sps, threshold=0.5, schedule="auto")
+    pipe.make_scheduler = lambda name=None, threshold=None: Pipeline.make_scheduler(
+        pipe, name, threshold)
     modes = {m.name: m for m in profile_modes(pipe)}
     assert list(modes) == list(MODES)
     assert modes["dspark_scheduled"].options["schedule"].name == "hardware"
+    assert modes["dspark_scheduled"].options["schedule"].padded  # as the runtime's graphs run
     assert modes["dspark_fixed"].options["schedule"].length == 5
     assert modes["mtp1"].options["schedule"].length == 1
     assert modes["target_only"].options == {"target_only": True}
