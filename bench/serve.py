@@ -4,8 +4,9 @@ Starts `dspark-serve BUNDLE` twice on 127.0.0.1 (DSpark, and `--target-only`), t
 load level runs each server in turn (order alternating by level) with N concurrent `openai`
 clients, each a closed loop over chat prompts of ../shared/eval (the same prompts in the same
 order for both, greedy). Prints per-user tokens/s (median over requests), aggregate tokens/s,
-TTFT and latency p50/p99, tau and the mean verify length (from the server's /metrics), and
-whether both servers returned the same text; writes bench/results/serve.json and serve.png.
+TTFT and latency p50/p99, tau, the mean verify length and the share of rounds that drafted
+(the rest skipped drafting as not paying: runtime/draft_gate.py; all from the server's
+/metrics), and whether both servers returned the same text; writes bench/results/serve.json and serve.png.
 
 Usage: python bench/serve.py [--bundle dspark-bundle] [--clients 1,2,4,8] [--requests 8]
 """
@@ -65,10 +66,10 @@ class Server:
         sys.exit(f"{self.name} server did not start in {timeout} s")
 
     def metric_sums(self) -> dict[str, float]:
-        """dspark_round_tokens and dspark_verify_length sums and counts."""
+        """Every dspark_* sample of /metrics by name and labels (the deltas of a load level
+        give its tau, verify length and share of drafted rounds)."""
         text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
-        found = re.findall(r"^(dspark_(?:round_tokens|verify_length)_(?:sum|count)) (\S+)$",
-                           text, re.M)
+        found = re.findall(r"^(dspark_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)
         return {name: float(value) for name, value in found}
 
     def stop(self) -> None:
@@ -121,6 +122,8 @@ def summarise(requests: list[dict], wall: float, before: dict, after: dict) -> d
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     rounds = delta("dspark_round_tokens_count")
+    drafted = delta('dspark_rounds_total{kind="drafted"}')
+    skipped = delta('dspark_rounds_total{kind="target"}')
     return {
         "per_user_tokens_per_s": float(np.median([r["tokens_per_s"] for r in requests])),
         "aggregate_tokens_per_s": sum(r["tokens"] for r in requests) / wall,
@@ -130,6 +133,7 @@ def summarise(requests: list[dict], wall: float, before: dict, after: dict) -> d
         "latency_p99_s": float(np.percentile([r["latency"] for r in requests], 99)),
         "tau": delta("dspark_round_tokens_sum") / rounds if rounds else None,
         "mean_verify_length": delta("dspark_verify_length_sum") / rounds if rounds else None,
+        "drafted_rounds": drafted / (drafted + skipped) if drafted + skipped else None,
         "requests": len(requests), "wall_s": wall}
 
 
@@ -208,17 +212,18 @@ def main() -> None:
         for server in servers:
             server.stop()
     print("\n| clients | mode | per-user tok/s | aggregate tok/s | TTFT p50 / p99 s | "
-          "latency p50 / p99 s | tau | mean verify length |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "latency p50 / p99 s | tau | mean verify length | drafted rounds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for clients, row in table.items():
         for mode in ("dspark", "target_only"):
             r = row[mode]
             tau = "-" if r["tau"] is None else f"{r['tau']:.2f}"
             verify = "-" if r["mean_verify_length"] is None else f"{r['mean_verify_length']:.2f}"
+            drafted = "-" if r.get("drafted_rounds") is None else f"{r['drafted_rounds']:.0%}"
             print(f"| {clients} | {mode} | {r['per_user_tokens_per_s']:.1f} | "
                   f"{r['aggregate_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} / "
                   f"{r['ttft_p99_s']:.2f} | {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f}"
-                  f" | {tau} | {verify} |")
+                  f" | {tau} | {verify} | {drafted} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(
         {"bundle": str(args.bundle), "max_tokens": args.max_tokens, "threads": args.threads,

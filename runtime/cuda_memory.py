@@ -205,17 +205,10 @@ class CudaMemory:
         self.synchronize()
         return out
 
-    def write_rows(self, buffer: DeviceArray, array: DeviceArray, lo: int) -> None:
-        """One strided device copy: rows of `array` (pitch T) into rows lo.. of `buffer`
-        (pitch W >= T), leading positions of axis 1."""
-        rows, steps = array.shape[0], array.shape[1]
-        width = buffer.shape[1]
-        inner = buffer.row_bytes // width
-        cudart = _cudart()
-        cudart.check(cudart.lib.cudaMemcpy2DAsync(
-            ctypes.c_void_p(buffer.ptr + lo * buffer.row_bytes), width * inner,
-            ctypes.c_void_p(array.ptr), steps * inner, steps * inner, rows, 3, None))
-        self.synchronize()
+    def reshape(self, array: DeviceArray, shape: tuple[int, ...]) -> DeviceArray:
+        if int(np.prod(shape, dtype=np.int64)) != int(np.prod(array.shape, dtype=np.int64)):
+            raise ValueError(f"cannot view a device array of shape {array.shape} as {shape}")
+        return DeviceArray(array.owner, array.ptr, tuple(shape), array.dtype)
 
     @staticmethod
     def synchronize() -> None:

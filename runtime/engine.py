@@ -9,16 +9,19 @@ The engine owns `slots` rows of KV cache (target and draft) and the request in e
    drafting, each chunk's context features go into the draft cache at once (a draft run whose
    block is discarded); a request whose prompt is in samples its first token;
 3. runs one round for the decoding slots: `_speculative_round` (draft -> markov -> schedule ->
-   target verify -> SpecVerify -> commit) or `_target_round` (one token a row);
+   target verify -> SpecVerify -> commit) or `_target_round` (one token a row): target-only
+   engines always, speculative ones when the `DraftGate` predicts that drafting will not pay
+   (draft_gate.py: with the hardware-aware schedulers, under load);
 4. emits tokens, retires finished or cancelled requests and frees their slots.
 
-The accepted tokens' context features of a slot's last round wait in a per-slot buffer
-(`PendingContext`) until its next draft, so consecutive rounds may run over different windows.
+The accepted tokens' context features of a slot wait in a per-slot buffer (`PendingContext`)
+until its next draft, so consecutive rounds may run over different windows or skip drafting.
 The scheduler sees every slot (idle ones inactive), so its state keeps one shape.
 Randomness is per request (sampling.py): a request's tokens do not depend on its neighbours.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .calibration import sigmoid
+from .draft_gate import DraftGate, pending_context_width
 from .kv import KVCache
 from .sampling import RequestRandomness, select_tokens
 from .stats import RequestOutput, StageTimer
@@ -53,9 +57,10 @@ class RoundRecord:
     """What one speculative round decided for the requests that took part in it."""
 
     request_ids: list[int]
-    confidence_logits: np.ndarray  # [rows, G], raw (before calibration)
+    confidence_logits: np.ndarray  # [rows, G], raw (before calibration); [rows, 0] undrafted
     verify_lengths: np.ndarray  # [rows]
     accepted: np.ndarray  # [rows]
+    drafted: bool = True  # False: the draft gate skipped drafting, one target token a row
 
 
 @dataclass
@@ -68,20 +73,48 @@ class _Slot:
 
 
 class PendingContext:
-    """Per slot, the context features (and positions) of the tokens its last round accepted,
-    which the next draft run takes into the draft cache."""
+    """Per slot, the context features (and positions) of the tokens accepted since its last
+    draft run, which the next draft run takes into the draft cache: up to `width` tokens."""
 
     def __init__(self, memory: Any, slots: int, width: int, features: int, dtype: Any) -> None:
-        self.memory = memory
-        self.features = memory.empty((slots, width, features), dtype)
+        self.memory, self.width, self.dim = memory, width, features
+        # [slots, 1, width, F]: the layout Memory.commit appends along (axis 2)
+        self.features = memory.empty((slots, 1, width, features), dtype)
         self.positions = np.zeros((slots, width), dtype=np.int64)
         self.counts = np.zeros(slots, dtype=np.int64)
 
-    def store(self, features: Any, positions: np.ndarray, counts: np.ndarray, lo: int) -> None:
-        """Rows lo:lo+len(counts) of the last target run; counts[b] of them are valid."""
-        self.memory.write_rows(self.features, features, lo)
-        self.positions[lo:lo + len(counts), :positions.shape[1]] = positions
-        self.counts[lo:lo + len(counts)] = counts
+    def append(self, features: Any, positions: np.ndarray, counts: np.ndarray, lo: int) -> None:
+        """The first counts[b] tokens of rows lo:lo+len(counts) of the last target run
+        (features [rows, T, F], positions [rows, T])."""
+        rows, steps = len(counts), positions.shape[1]
+        hi = lo + rows
+        if np.any(self.counts[lo:hi] + counts > self.width):
+            raise ValueError(f"pending context overflow: width {self.width}, "
+                             f"{self.counts[lo:hi]} + {counts}")
+        source = self.memory.reshape(features, (rows, 1, steps, self.dim))
+        self.memory.commit([self.memory.rows(self.features, lo, hi)], [source],
+                           self.counts[lo:hi], counts)
+        self.memory.synchronize()
+        row = np.repeat(np.arange(rows), counts)
+        step = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
+        self.positions[lo + row, self.counts[lo + row] + step] = positions[row, step]
+        self.counts[lo:hi] += counts
+
+    def take(self, lo: int, hi: int, active: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+        """Features [rows, n, F], positions [rows, n] and counts of rows lo:hi for a draft run
+        (n: the most any active row holds, at least 1), then empty them."""
+        counts = np.where(active, self.counts[lo:hi], 0)
+        n = max(1, int(counts.max()))
+        rows = self.memory.reshape(self.memory.rows(self.features, lo, hi),
+                                   (hi - lo, self.width, self.dim))
+        features = self.memory.leading(rows, n)
+        positions = self.positions[lo:hi, :n].copy()
+        self.counts[lo:hi] = 0
+        return features, positions, counts
+
+    def full(self, lo: int, hi: int) -> bool:
+        """No room for another skipped round's token in some row."""
+        return bool(self.counts[lo:hi].max() >= self.width)
 
 
 class Engine:
@@ -91,9 +124,12 @@ class Engine:
                  scheduler: Any = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefill_budget: int | None = None, on_text: TextCallback | None = None,
                  on_round: Callable[[RoundRecord], None] | None = None,
-                 on_finish: Callable[[int, RequestOutput], None] | None = None) -> None:
+                 on_finish: Callable[[int, RequestOutput], None] | None = None,
+                 draft_gate: bool = True) -> None:
         """`capacity`: cache positions per slot (prompt + generated + one round's drafts);
-        `gamma` 0 decodes target-only; `scheduler` picks verify lengths when drafting.
+        `gamma` 0 decodes target-only; `scheduler` picks verify lengths when drafting;
+        `draft_gate`: with a hardware-aware scheduler (one that costs verification by an SPS
+        table), skip drafting in rounds where it would not pay (draft_gate.py).
         A finished request goes to `on_finish` if given, else stays in `finished`."""
         if gamma and scheduler is None:
             raise ValueError("a speculative engine (gamma > 0) needs a scheduler")
@@ -105,9 +141,13 @@ class Engine:
         if gamma:
             self.draft_kv = KVCache.for_graph(pipe.draft, batch=slots, capacity=capacity)
             _, _, features = pipe.draft.input_shapes["context_features"]
-            self.context = PendingContext(pipe.memory, slots, gamma + 1, int(features),
+            self.context = PendingContext(pipe.memory, slots, pending_context_width(gamma),
+                                          int(features),
                                           pipe.draft.input_dtypes["context_features"])
             self.block_ids = np.full((slots, gamma), pipe.mask_token_id, dtype=np.int64)
+        sps = getattr(scheduler, "sps", None)  # the hardware-aware schedulers' cost table
+        self.gate = (DraftGate(sps, slots, gamma) if gamma and draft_gate and sps is not None
+                     else None)
         self.slots: list[_Slot | None] = [None] * slots
         self.waiting: deque[tuple[int, Request]] = deque()
         self.finished: dict[int, RequestOutput] = {}
@@ -166,11 +206,20 @@ class Engine:
         self._admit()
         self._prefill()
         if self.decoding.any():
-            if self.gamma:
+            if self._drafts():
                 self._speculative_round()
             else:
                 self._target_round()
             self.steps += 1
+
+    def _drafts(self) -> bool:
+        """Whether this round drafts: always when speculative, unless the gate says no."""
+        if not self.gamma:
+            return False
+        if self.gate is None:
+            return True
+        lo, hi, active = self._window()
+        return self.context.full(lo, hi) or self.gate.should_draft(lo, active)
 
     def _admit(self) -> None:
         for s, slot in enumerate(self.slots):
@@ -185,6 +234,8 @@ class Engine:
                 if self.gamma:
                     self.draft_kv.lengths[s] = 0
                     self.context.counts[s] = 0
+                    if self.gate is not None:
+                        self.gate.forget(s)
                 self.temperature[s] = request.temperature
                 self.rng.reseed(s, request.seed)
 
@@ -261,29 +312,45 @@ class Engine:
                 "new_lengths": 1 + lengths, **self.kv.feeds(lo, hi)}, positions
 
     def _target_round(self) -> None:
-        """One target token per decoding slot (the SpecVerify rule for 0 drafts, on the host)."""
+        """One target token per decoding slot (the SpecVerify rule for 0 drafts, on the host);
+        a speculative engine keeps the tokens' context features for the next draft."""
         lo, hi, active = self._window()
-        feeds, _ = self._verify_feeds(lo, hi, np.zeros(hi - lo, dtype=np.int64), 1)
-        # features stay on the device: unused here, and not worth a copy to the host
+        zeros = np.zeros(hi - lo, dtype=np.int64)
+        feeds, positions = self._verify_feeds(lo, hi, zeros, 1)
+        # features stay on the device: the next draft run reads them there
         out = self._graph(self.pipe.target, feeds, self._present_names("features"),
                           "target_verify")
         uniforms = self.rng.draw(1, self.decoding)[lo:hi, 0]
         tokens = select_tokens(out["logits"][:, 0], self.temperature[lo:hi], uniforms)
         self.timer.lap("spec_verify")
-        self.kv.commit(out, active.astype(np.int64), lo)
-        self._emit({lo + b: [int(tokens[b])] for b in np.flatnonzero(active)})
+        counts = active.astype(np.int64)
+        self.kv.commit(out, counts, lo)
+        rows = np.flatnonzero(active)
+        if self.gamma:
+            self.context.append(out["features"], positions, counts, lo)
+            for b in rows:
+                self.slots[lo + b].output.accepted.append(0)
+                self.slots[lo + b].output.verified.append(0)
+            if self.on_round is not None:
+                self.on_round(RoundRecord([self.slots[lo + b].request_id for b in rows],
+                                          np.zeros((len(rows), 0)), zeros[rows], zeros[rows],
+                                          drafted=False))
+        self._emit({lo + b: [int(tokens[b])] for b in rows})
 
     def _speculative_round(self) -> None:
         lo, hi, active = self._window()
-        draft_ids, draft_probs, lengths, logits = self._draft(lo, hi, active)
+        started = time.perf_counter()
+        draft_ids, draft_probs, lengths, logits, confidence = self._draft(lo, hi, active)
         room = self.capacity - self.kv.lengths[lo:hi] - 1  # verify tokens beyond the anchor
         lengths = np.clip(lengths, 0, np.maximum(room, 0))
         u_verify = self.rng.draw(self.gamma + 1, self.decoding)[lo:hi]
         # SpecVerify needs G >= 1: with no drafts at all, verify one padded draft of length 0.
         width = 1 + max(int(lengths.max()), 1)
         feeds, positions = self._verify_feeds(lo, hi, lengths, width, draft_ids)
+        target_started = time.perf_counter()
         out = self._graph(self.pipe.target, feeds,
                           self._present_names("features", "logits"), "target_verify")
+        target_seconds = time.perf_counter() - target_started
         u = np.concatenate([u_verify[:, :width - 1], u_verify[:, -1:]], axis=1)
         verdict = self._graph(self.pipe.verify, {
             "target_logits": out["logits"], "draft_ids": draft_ids[:, :width - 1].copy(),
@@ -293,7 +360,10 @@ class Engine:
         accepted, tokens = verdict["accepted"], verdict["tokens"]
         counts = np.where(active, accepted + 1, 0)
         self.kv.commit(out, counts, lo)
-        self.context.store(out["features"], positions, counts, lo)
+        self.context.append(out["features"], positions, counts, lo)
+        if self.gate is not None:
+            self.gate.observe(lo, active, confidence, lengths, np.asarray(accepted),
+                              time.perf_counter() - started - target_seconds)
         rows = np.flatnonzero(active)
         for b in rows:
             output = self.slots[lo + b].output
@@ -306,22 +376,20 @@ class Engine:
         self._emit({lo + b: tokens[b, :accepted[b] + 1].tolist() for b in rows})
 
     def _draft(self, lo: int, hi: int, active: np.ndarray
-               ) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray]:
+               ) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray, np.ndarray]:
         """Draft + markov + schedule: draft ids [rows, G], draft probs, verify lengths [rows],
-        raw confidence logits [rows, G]."""
-        memory, context = self.pipe.memory, self.context
-        counts = np.where(active, context.counts[lo:hi], 0)
+        raw and calibrated confidences [rows, G]."""
+        features, positions, counts = self.context.take(lo, hi, active)
         block = self.block_ids[lo:hi]
         block[:, 0] = self.anchors[lo:hi]
         pos = self.kv.lengths[lo:hi]
         feeds = {"block_ids": block, "block_positions": pos[:, None] + self.offsets[:self.gamma],
-                 "context_features": memory.rows(context.features, lo, hi),
-                 "context_positions": context.positions[lo:hi], "context_lengths": counts,
-                 "past_lengths": self.draft_kv.lengths[lo:hi], **self.draft_kv.feeds(lo, hi)}
+                 "context_features": features, "context_positions": positions,
+                 "context_lengths": counts, "past_lengths": self.draft_kv.lengths[lo:hi],
+                 **self.draft_kv.feeds(lo, hi)}
         names = self.pipe.draft.output_names
         out = self._graph(self.pipe.draft, feeds, names, "draft")
         self.draft_kv.commit(out, counts, lo)
-        context.counts[lo:hi] = 0
         uniforms = self.rng.draw(self.gamma, self.decoding)[lo:hi]
         marked = self._graph(self.pipe.markov, {
             "base_logits": out["base_logits"], "hidden_states": out["hidden_states"],
@@ -333,7 +401,8 @@ class Engine:
         confidence[lo:hi] = calibration.apply(logits) if calibration else sigmoid(logits)
         lengths = self.scheduler.verify_lengths(confidence, self.decoding)[lo:hi]
         self.timer.lap("schedule")
-        return marked["draft_ids"], marked["draft_probs"], np.asarray(lengths), logits
+        return (marked["draft_ids"], marked["draft_probs"], np.asarray(lengths), logits,
+                confidence[lo:hi])
 
     # --- tokens out ------------------------------------------------------------------------
 

@@ -32,8 +32,8 @@ class Memory(Protocol):
     def leading(self, array: Any, n: int) -> Any:
         """array[:, :n] as a contiguous array (a view where the layout allows)."""
 
-    def write_rows(self, buffer: Any, array: Any, lo: int) -> None:
-        """buffer[lo:lo + len(array), :array.shape[1]] = array (axis 1 may be narrower)."""
+    def reshape(self, array: Any, shape: tuple[int, ...]) -> Any:
+        """A zero-copy view of a contiguous array with another shape of the same size."""
 
     def synchronize(self) -> None:
         """Make finished commits visible to the next graph run."""
@@ -61,8 +61,8 @@ class HostMemory:
     def leading(self, array: np.ndarray, n: int) -> np.ndarray:
         return array if n == array.shape[1] else np.ascontiguousarray(array[:, :n])
 
-    def write_rows(self, buffer: np.ndarray, array: np.ndarray, lo: int) -> None:
-        buffer[lo:lo + len(array), :array.shape[1]] = array
+    def reshape(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return array.reshape(shape)
 
     def synchronize(self) -> None:
         pass

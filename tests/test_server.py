@@ -208,7 +208,8 @@ def test_metrics_report_load_acceptance_and_latency(server, client):
     assert status == 200
     for name in ("dspark_requests_total", "dspark_queue_depth", "dspark_running_requests",
                  "dspark_generated_tokens_total", "dspark_round_tokens_count",
-                 "dspark_verify_length_sum", "dspark_time_to_first_token_seconds_bucket",
+                 "dspark_verify_length_sum", "dspark_rounds_total",
+                 "dspark_time_to_first_token_seconds_bucket",
                  "dspark_inter_token_latency_seconds_count"):
         assert name in text, name
     rounds = float(re.search(r"^dspark_round_tokens_count (\S+)", text, re.M).group(1))

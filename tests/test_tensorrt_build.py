@@ -35,6 +35,7 @@ from dspark_export.build.tensorrt_build import (TensorRTBuildError, TimingCache,
                                                 optimization_profiles, require_builder)
 from dspark_runtime.backends import BackendUnavailable
 from dspark_runtime.backends.tensorrt import FULL, RTX, TensorRTRunner
+from dspark_runtime.draft_gate import pending_context_width
 
 H100_GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 A100_GPU = {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
@@ -114,6 +115,10 @@ def test_batch_only_graphs_get_one_profile(tmp_path):
     draft = optimization_profiles(_graph(export, "draft"), "draft", profile, GAMMA, VOCAB)
     assert [label for label, _ in draft] == ["prefill", "verify"]
     assert draft[0][1]["context_features"] == ((1, 1, 8), (1, 128, 8), (1, 512, 8))
+    # decode: one round's accepted tokens, or more after rounds that skipped drafting
+    assert draft[1][1]["context_features"] == ((1, 1, 8), (4, GAMMA + 1, 8),
+                                               (4, pending_context_width(GAMMA), 8))
+    assert draft[1][1]["block_ids"] == ((1, GAMMA), (4, GAMMA), (4, GAMMA))
 
 
 def test_unknown_dynamic_dimension_is_an_error(tmp_path):

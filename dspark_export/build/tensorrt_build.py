@@ -35,6 +35,7 @@ from dspark_export.build.profiles import Profile
 from dspark_runtime.backends import BackendUnavailable
 from dspark_runtime.backends.tensorrt import FLAVOURS, TensorRTFlavour, describe_targets
 from dspark_runtime.bundle import GRAPH_NAMES
+from dspark_runtime.draft_gate import pending_context_width
 from dspark_runtime.gpu import gpu_info, sm_name
 
 PLUGIN = {"op": "dspark::SpecVerify", "graph": "verify", "aot": True,
@@ -44,6 +45,7 @@ TIMING_CACHE_DIR = Path("~/.cache/dspark-export/timing")
 # new context positions; verify.onnx spells its own B, G, G_plus_1, V.
 _ROW_DIMS = {"batch", "B"}
 _TOKEN_DIMS = {"new_tokens", "context"}
+_CONTEXT_DIM = "context"
 _PAST_DIMS = {"past"}
 
 # TensorRT DataType names -> the names docs/graphs.md and numpy use.
@@ -97,11 +99,15 @@ def optimization_profiles(graph: onnx.ModelProto, name: str, profile: Profile, g
     # verify.onnx's G: a scheduler may verify fewer than gamma drafts (at least one is padded in).
     fixed = {"G": (1, gamma, gamma), "G_plus_1": (2, gamma + 1, gamma + 1), "V": (vocab,) * 3}
     p = settings.prefill_tokens
+    # In decode the draft takes the context of the tokens accepted since its last run: one
+    # round's, or more after rounds that skipped drafting (dspark_runtime.draft_gate).
     regimes = {
         "prefill": {"rows": (1, 1, settings.prefill_max_batch), "tokens": (p.min, p.opt, p.max),
-                    "past": (0, context, context)},
+                    "context": (p.min, p.opt, p.max), "past": (0, context, context)},
         "verify": {"rows": (1, verify_rows, profile.max_batch),
-                   "tokens": (1, gamma + 1, gamma + 1), "past": (0, context, context)},
+                   "tokens": (1, gamma + 1, gamma + 1),
+                   "context": (1, gamma + 1, pending_context_width(gamma)),
+                   "past": (0, context, context)},
     }
     params = {d.dim_param for v in graph.graph.input for d in v.type.tensor_type.shape.dim}
     labels = ["prefill", "verify"] if params & _TOKEN_DIMS else ["verify"]
@@ -116,6 +122,8 @@ def optimization_profiles(graph: onnx.ModelProto, name: str, profile: Profile, g
                     axes.append((d.dim_value,) * 3)
                 elif d.dim_param in _ROW_DIMS:
                     axes.append(dims["rows"])
+                elif d.dim_param == _CONTEXT_DIM:
+                    axes.append(dims["context"])
                 elif d.dim_param in _TOKEN_DIMS:
                     axes.append(dims["tokens"])
                 elif d.dim_param in _PAST_DIMS:

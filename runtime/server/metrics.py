@@ -28,6 +28,9 @@ class ServerMetrics:
         self.verify_length = Histogram(
             "dspark_verify_length", "Drafts verified per request per round",
             buckets=[float(k) for k in range(0, gamma + 1)], registry=r)
+        self.rounds = Counter("dspark_rounds", "Decode rounds: drafted (speculative), or "
+                              "target-only where the draft gate found drafting would not pay",
+                              ["kind"], registry=r)
         self.ttft = Histogram("dspark_time_to_first_token_seconds", "Time to first token",
                               buckets=_LATENCY, registry=r)
         self.itl = Histogram("dspark_inter_token_latency_seconds",
@@ -39,6 +42,7 @@ class ServerMetrics:
         self.running.set(running)
 
     def round(self, record: RoundRecord) -> None:
+        self.rounds.labels("drafted" if record.drafted else "target").inc()
         for accepted, verified in zip(record.accepted, record.verify_lengths):
             self.round_tokens.observe(int(accepted) + 1)
             self.verify_length.observe(int(verified))

@@ -1,0 +1,133 @@
+"""Whether a speculative round should draft at all, or decode one target token per row.
+
+A drafting round pays for the draft and Markov runs (and SpecVerify) whatever the scheduler then
+verifies. Under load SPS(B) flattens, the hardware-aware scheduler verifies next to nothing, and
+a round that drafted anyway is slower than a target-only one: served on 2 CPU threads, DSpark
+fell to 0.5x target-only at 8 clients. So before drafting, the gate predicts the best a
+drafting round can do: the scheduler's admission path over each row's confidences (a running
+average over its past drafts), each step costed at SPS(B) of the padded verify batch plus the
+measured cost of drafting at this window size. It drafts only when that beats one target token
+per row at SPS(rows). Confidences are only as good as their calibration (a bundle may have none),
+so the gate corrects them per draft position by what verification actually accepted.
+
+Lossless: the decision uses only earlier rounds (like the async scheduler's budget), never a
+token of the round it decides about. A row's accepted tokens wait in the engine's
+`PendingContext` until the next draft; a row that has waited `MAX_SKIPPED_ROUNDS` rounds forces
+one, which also refreshes the confidences and draft cost the gate predicts from.
+"""
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+import numpy as np
+
+from .schedule import candidate_positions, prefix_survival, sorted_candidates
+from .sps import SPSTable
+
+MAX_SKIPPED_ROUNDS = 48
+# A row's predicted confidences: a running average over its drafts, this weight on the newest
+# (one round's confidences are a noisy predictor of the next round's).
+CONFIDENCE_SMOOTHING = 0.5
+# Drafting must promise this much more than target-only decoding: the SPS table was timed at
+# build time, maybe under another load, and the one thing serving must never do is fall below
+# target-only speed.
+MIN_GAIN = 1.1
+# The draft cost is the median of the last few drafting rounds at a window size: robust to a
+# graph's first run at a new shape and to the catch-up draft after skipped rounds.
+COST_WINDOW = 9
+# Acceptance evidence decays by this factor a drafting round, so the correction follows the
+# recent traffic; PRIOR_WEIGHT pseudo-observations keep it at 1 until evidence comes.
+EVIDENCE_DECAY = 0.98
+PRIOR_WEIGHT = 2.0
+
+
+def pending_context_width(gamma: int) -> int:
+    """Context positions a draft run may take at once in decode: one round's accepted tokens
+    (at most gamma + 1) plus one per skipped round. TensorRT builds size the draft's decode
+    optimization profile by it."""
+    return gamma + 1 + MAX_SKIPPED_ROUNDS
+
+
+class DraftGate:
+    """Predicts from past rounds whether drafting pays this round (see the module doc)."""
+
+    def __init__(self, sps: SPSTable, slots: int, gamma: int) -> None:
+        self.sps = sps
+        self.confidence = np.full((slots, gamma), np.nan)  # calibrated, averaged over drafts
+        self.prior = np.full(gamma, np.nan)  # the same over every row: a new request's guess
+        # per draft position, over rows that verification reached there: drafts accepted, and
+        # the confidences that predicted them
+        self._accepted = np.zeros(gamma)
+        self._predicted = np.zeros(gamma)
+        self._costs: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=COST_WINDOW))
+        self.drafted = self.skipped = 0
+
+    def forget(self, slot: int) -> None:
+        """A new request in `slot`: its confidences are guessed from the others' until it
+        drafts."""
+        self.confidence[slot] = np.nan
+
+    def observe(self, lo: int, active: np.ndarray, confidence: np.ndarray, verified: np.ndarray,
+                accepted: np.ndarray, seconds: float) -> None:
+        """A drafting round over rows lo:lo+len(active): calibrated confidences [rows, G], drafts
+        verified and accepted per row, and the seconds it spent beyond the target run."""
+        rows = np.flatnonzero(active)
+        old, new = self.confidence[lo + rows], confidence[rows]
+        self.confidence[lo + rows] = _average(old, new)
+        if len(rows):
+            self.prior = _average(self.prior, new.mean(axis=0))
+        # Draft k of a row was decided on iff k <= verified and every draft before it passed.
+        k = np.arange(1, confidence.shape[1] + 1)
+        reached = (k <= verified[rows, None]) & (k <= accepted[rows, None] + 1)
+        self._accepted = EVIDENCE_DECAY * self._accepted + \
+            (reached & (k <= accepted[rows, None])).sum(axis=0)
+        self._predicted = EVIDENCE_DECAY * self._predicted + \
+            np.where(reached, new, 0.0).sum(axis=0)
+        self._costs[len(active)].append(seconds)
+
+    def correction(self) -> np.ndarray:
+        """Per draft position, accepted / predicted drafts (1 without evidence); positions past
+        the deepest one verified take the correction of the one before."""
+        ratio = (self._accepted + PRIOR_WEIGHT) / (self._predicted + PRIOR_WEIGHT)
+        seen = self._predicted > 0
+        for j in range(1, len(ratio)):
+            if not seen[j] and seen[j - 1]:
+                ratio[j], seen[j] = ratio[j - 1], True
+        return ratio
+
+    def draft_seconds(self, rows: int) -> float | None:
+        """What drafting costs over a window of `rows` rows (median of the last rounds)."""
+        costs = self._costs.get(rows)
+        return float(np.median(costs)) if costs else None
+
+    def should_draft(self, lo: int, active: np.ndarray) -> bool:
+        """True to draft over rows lo:lo+len(active); counts the decision."""
+        decision = self._pays(lo, active)
+        if decision:
+            self.drafted += 1
+        else:
+            self.skipped += 1
+        return decision
+
+    def _pays(self, lo: int, active: np.ndarray) -> bool:
+        rows = len(active)
+        cost = self.draft_seconds(rows)
+        confidence = self.confidence[lo:lo + rows][active]
+        confidence = np.where(np.isnan(confidence), self.prior, confidence)
+        if cost is None or np.isnan(confidence).any():
+            return True  # nothing to predict from: draft, and measure
+        confidence = np.clip(confidence * self.correction(), 0.0, 1.0)
+        n_active = len(confidence)
+        candidates, survivals = sorted_candidates(prefix_survival(confidence),
+                                                  np.ones(n_active, dtype=bool))
+        tokens = n_active + np.concatenate(([0.0], np.cumsum(survivals)))
+        # A verify batch is padded to its longest row, and holds at least one draft per row.
+        longest = np.maximum.accumulate(np.concatenate(([1], candidate_positions(candidates))))
+        seconds = cost + 1.0 / self.sps(rows * (1 + longest))
+        target_only = n_active * self.sps(rows)
+        return bool(np.max(tokens / seconds) > MIN_GAIN * target_only)
+
+
+def _average(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Running average with weight CONFIDENCE_SMOOTHING on `new`; `new` where nothing is old."""
+    return np.where(np.isnan(old), new, old + CONFIDENCE_SMOOTHING * (new - old))
