@@ -8,7 +8,9 @@ drafting round can do: the scheduler's admission path over each row's confidence
 average over its past drafts), each step costed at SPS(B) of the padded verify batch plus the
 measured cost of drafting at this window size. It drafts only when that beats one target token
 per row at SPS(rows). Confidences are only as good as their calibration (a bundle may have none),
-so the gate corrects them per draft position by what verification actually accepted.
+so the gate corrects them per draft position by what verification actually accepted: over all
+requests, and per request as its own evidence comes in (a math prompt's drafts pass more often
+than a chat prompt's). The scheduler then admits drafts by the corrected confidences too.
 
 Lossless: the decision uses only earlier rounds (like the async scheduler's budget), never a
 token of the round it decides about. A row's accepted tokens wait in the engine's
@@ -24,7 +26,7 @@ import numpy as np
 from .schedule import candidate_positions, prefix_survival, sorted_candidates
 from .sps import SPSTable
 
-MAX_SKIPPED_ROUNDS = 48
+MAX_SKIPPED_ROUNDS = 16
 # A row's predicted confidences: a running average over its drafts, this weight on the newest
 # (one round's confidences are a noisy predictor of the next round's).
 CONFIDENCE_SMOOTHING = 0.5
@@ -56,9 +58,11 @@ class DraftGate:
         self.confidence = np.full((slots, gamma), np.nan)  # calibrated, averaged over drafts
         self.prior = np.full(gamma, np.nan)  # the same over every row: a new request's guess
         # per draft position, over rows that verification reached there: drafts accepted, and
-        # the confidences that predicted them
+        # the confidences that predicted them; over all requests and per slot
         self._accepted = np.zeros(gamma)
         self._predicted = np.zeros(gamma)
+        self._slot_accepted = np.zeros((slots, gamma))
+        self._slot_predicted = np.zeros((slots, gamma))
         self._costs: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=COST_WINDOW))
         self.drafted = self.skipped = 0
 
@@ -66,6 +70,7 @@ class DraftGate:
         """A new request in `slot`: its confidences are guessed from the others' until it
         drafts."""
         self.confidence[slot] = np.nan
+        self._slot_accepted[slot] = self._slot_predicted[slot] = 0.0
 
     def observe(self, lo: int, active: np.ndarray, confidence: np.ndarray, verified: np.ndarray,
                 accepted: np.ndarray, seconds: float) -> None:
@@ -79,21 +84,33 @@ class DraftGate:
         # Draft k of a row was decided on iff k <= verified and every draft before it passed.
         k = np.arange(1, confidence.shape[1] + 1)
         reached = (k <= verified[rows, None]) & (k <= accepted[rows, None] + 1)
-        self._accepted = EVIDENCE_DECAY * self._accepted + \
-            (reached & (k <= accepted[rows, None])).sum(axis=0)
-        self._predicted = EVIDENCE_DECAY * self._predicted + \
-            np.where(reached, new, 0.0).sum(axis=0)
+        passed = (reached & (k <= accepted[rows, None])).astype(np.float64)
+        predicted = np.where(reached, new, 0.0)
+        self._accepted = EVIDENCE_DECAY * self._accepted + passed.sum(axis=0)
+        self._predicted = EVIDENCE_DECAY * self._predicted + predicted.sum(axis=0)
+        slots = lo + rows
+        self._slot_accepted[slots] = EVIDENCE_DECAY * self._slot_accepted[slots] + passed
+        self._slot_predicted[slots] = EVIDENCE_DECAY * self._slot_predicted[slots] + predicted
         self._costs[len(active)].append(seconds)
 
-    def correction(self) -> np.ndarray:
-        """Per draft position, accepted / predicted drafts (1 without evidence); positions past
-        the deepest one verified take the correction of the one before."""
+    def correction(self, slots: np.ndarray | None = None) -> np.ndarray:
+        """Per draft position, accepted / predicted drafts over all requests (1 without
+        evidence; positions past the deepest one verified take the correction of the one
+        before), or per slot in `slots` [n, G], each slot's evidence over that as a prior."""
         ratio = (self._accepted + PRIOR_WEIGHT) / (self._predicted + PRIOR_WEIGHT)
         seen = self._predicted > 0
         for j in range(1, len(ratio)):
             if not seen[j] and seen[j - 1]:
                 ratio[j], seen[j] = ratio[j - 1], True
-        return ratio
+        if slots is None:
+            return ratio
+        return ((self._slot_accepted[slots] + PRIOR_WEIGHT * ratio)
+                / (self._slot_predicted[slots] + PRIOR_WEIGHT))
+
+    def corrected(self, slots: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+        """Confidences [n, G] of `slots` times their correction, within [0, 1]: what the
+        scheduler admits drafts by, as well as the gate's prediction."""
+        return np.clip(confidence * self.correction(slots), 0.0, 1.0)
 
     def draft_seconds(self, rows: int) -> float | None:
         """What drafting costs over a window of `rows` rows (median of the last rounds)."""
@@ -112,11 +129,12 @@ class DraftGate:
     def _pays(self, lo: int, active: np.ndarray) -> bool:
         rows = len(active)
         cost = self.draft_seconds(rows)
-        confidence = self.confidence[lo:lo + rows][active]
+        slots = lo + np.flatnonzero(active)
+        confidence = self.confidence[slots]
         confidence = np.where(np.isnan(confidence), self.prior, confidence)
         if cost is None or np.isnan(confidence).any():
             return True  # nothing to predict from: draft, and measure
-        confidence = np.clip(confidence * self.correction(), 0.0, 1.0)
+        confidence = self.corrected(slots, confidence)
         n_active = len(confidence)
         candidates, survivals = sorted_candidates(prefix_survival(confidence),
                                                   np.ones(n_active, dtype=bool))

@@ -399,10 +399,13 @@ class Engine:
         calibration = self.pipe.calibration
         confidence = np.zeros((len(self.slots), self.gamma), dtype=np.float64)
         confidence[lo:hi] = calibration.apply(logits) if calibration else sigmoid(logits)
+        calibrated = confidence[lo:hi].copy()
+        if self.gate is not None:  # corrected by what verification accepted so far
+            confidence[lo:hi] = self.gate.corrected(lo + np.arange(hi - lo), calibrated)
         lengths = self.scheduler.verify_lengths(confidence, self.decoding)[lo:hi]
         self.timer.lap("schedule")
         return (marked["draft_ids"], marked["draft_probs"], np.asarray(lengths), logits,
-                confidence[lo:hi])
+                calibrated)
 
     # --- tokens out ------------------------------------------------------------------------
 

@@ -87,6 +87,15 @@ def test_confidences_are_corrected_by_what_verification_accepted():
     assert ratio[0] == pytest.approx(1 / 0.9, rel=0.05)
     assert ratio[1] < 0.1
     assert ratio[2] == ratio[3] == ratio[1]  # never verified: as the deepest one verified
+    # Each request's own evidence counts over the rest: slot 1's drafts start passing.
+    for _ in range(30):
+        gate.observe(0, np.array([False, True]), np.full((2, GAMMA), 0.9), np.array([0, 2]),
+                     np.array([0, 2]), 0.002)
+    per_slot = gate.correction(np.array([0, 1]))
+    assert per_slot[0, 1] < gate.correction()[1] < per_slot[1, 1]
+    assert per_slot[0, 1] < 0.1 < 0.5 < per_slot[1, 1]
+    gate.forget(1)
+    np.testing.assert_allclose(gate.correction(np.array([1]))[0], gate.correction())
     # Confident drafts that verification keeps rejecting stop being drafted.
     trusting, rejected = DraftGate(FLAT, 2, GAMMA), DraftGate(FLAT, 2, GAMMA)
     for _ in range(30):
