@@ -14,8 +14,10 @@ than a chat prompt's). The scheduler then admits drafts by the corrected confide
 
 Lossless: the decision uses only earlier rounds (like the async scheduler's budget), never a
 token of the round it decides about. A row's accepted tokens wait in the engine's
-`PendingContext` until the next draft; a row that has waited `MAX_SKIPPED_ROUNDS` rounds forces
-one, which also refreshes the confidences and draft cost the gate predicts from.
+`PendingContext` until the next draft. When a row has waited `MAX_SKIPPED_ROUNDS` rounds, the
+engine either drafts anyway, to refresh the evidence, if drafting came close to paying
+(`EXPLORE`), or only takes the waiting context into the draft cache (one draft run, no
+verification): under load, exploring rounds that cannot pay cost more than they tell.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import numpy as np
 from .schedule import candidate_positions, prefix_survival, sorted_candidates
 from .sps import SPSTable
 
-MAX_SKIPPED_ROUNDS = 16
+MAX_SKIPPED_ROUNDS = 56
 # A row's predicted confidences: a running average over its drafts, this weight on the newest
 # (one round's confidences are a noisy predictor of the next round's).
 CONFIDENCE_SMOOTHING = 0.5
@@ -34,6 +36,9 @@ CONFIDENCE_SMOOTHING = 0.5
 # build time, maybe under another load, and the one thing serving must never do is fall below
 # target-only speed.
 MIN_GAIN = 1.1
+# A row that waited MAX_SKIPPED_ROUNDS drafts to refresh the evidence if drafting promised at
+# least this fraction of target-only speed.
+EXPLORE = 0.8
 # The draft cost is the median of the last few drafting rounds at a window size: robust to a
 # graph's first run at a new shape and to the catch-up draft after skipped rounds.
 COST_WINDOW = 9
@@ -64,6 +69,7 @@ class DraftGate:
         self._slot_accepted = np.zeros((slots, gamma))
         self._slot_predicted = np.zeros((slots, gamma))
         self._costs: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=COST_WINDOW))
+        self._cost: dict[int, float] = {}  # the median of each, kept up to date
         self.drafted = self.skipped = 0
 
     def forget(self, slot: int) -> None:
@@ -91,7 +97,9 @@ class DraftGate:
         slots = lo + rows
         self._slot_accepted[slots] = EVIDENCE_DECAY * self._slot_accepted[slots] + passed
         self._slot_predicted[slots] = EVIDENCE_DECAY * self._slot_predicted[slots] + predicted
-        self._costs[len(active)].append(seconds)
+        costs = self._costs[len(active)]
+        costs.append(seconds)
+        self._cost[len(active)] = float(np.median(costs))
 
     def correction(self, slots: np.ndarray | None = None) -> np.ndarray:
         """Per draft position, accepted / predicted drafts over all requests (1 without
@@ -99,9 +107,9 @@ class DraftGate:
         before), or per slot in `slots` [n, G], each slot's evidence over that as a prior."""
         ratio = (self._accepted + PRIOR_WEIGHT) / (self._predicted + PRIOR_WEIGHT)
         seen = self._predicted > 0
-        for j in range(1, len(ratio)):
-            if not seen[j] and seen[j - 1]:
-                ratio[j], seen[j] = ratio[j - 1], True
+        deepest = np.flatnonzero(seen)
+        if len(deepest) and deepest[-1] + 1 < len(ratio):
+            ratio[deepest[-1] + 1:] = ratio[deepest[-1]]
         if slots is None:
             return ratio
         return ((self._slot_accepted[slots] + PRIOR_WEIGHT * ratio)
@@ -114,26 +122,30 @@ class DraftGate:
 
     def draft_seconds(self, rows: int) -> float | None:
         """What drafting costs over a window of `rows` rows (median of the last rounds)."""
-        costs = self._costs.get(rows)
-        return float(np.median(costs)) if costs else None
+        return self._cost.get(rows)
 
-    def should_draft(self, lo: int, active: np.ndarray) -> bool:
-        """True to draft over rows lo:lo+len(active); counts the decision."""
-        decision = self._pays(lo, active)
+    def should_draft(self, lo: int, active: np.ndarray, *, context_full: bool = False) -> bool:
+        """True to draft over rows lo:lo+len(active); counts the decision. `context_full`: a
+        row cannot wait another round, so a near miss (`EXPLORE`) drafts too."""
+        promise = self.promise(lo, active)
+        decision = promise > (EXPLORE if context_full else MIN_GAIN)
         if decision:
             self.drafted += 1
         else:
             self.skipped += 1
         return decision
 
-    def _pays(self, lo: int, active: np.ndarray) -> bool:
+    def promise(self, lo: int, active: np.ndarray) -> float:
+        """Predicted tokens/s of the best drafting round over rows lo:lo+len(active), as a
+        multiple of target-only decoding's; infinite while there is nothing to predict from
+        (draft, and measure)."""
         rows = len(active)
         cost = self.draft_seconds(rows)
         slots = lo + np.flatnonzero(active)
         confidence = self.confidence[slots]
         confidence = np.where(np.isnan(confidence), self.prior, confidence)
         if cost is None or np.isnan(confidence).any():
-            return True  # nothing to predict from: draft, and measure
+            return np.inf
         confidence = self.corrected(slots, confidence)
         n_active = len(confidence)
         candidates, survivals = sorted_candidates(prefix_survival(confidence),
@@ -143,7 +155,7 @@ class DraftGate:
         longest = np.maximum.accumulate(np.concatenate(([1], candidate_positions(candidates))))
         seconds = cost + 1.0 / self.sps(rows * (1 + longest))
         target_only = n_active * self.sps(rows)
-        return bool(np.max(tokens / seconds) > MIN_GAIN * target_only)
+        return float(np.max(tokens / seconds) / target_only)
 
 
 def _average(old: np.ndarray, new: np.ndarray) -> np.ndarray:

@@ -213,13 +213,19 @@ class Engine:
             self.steps += 1
 
     def _drafts(self) -> bool:
-        """Whether this round drafts: always when speculative, unless the gate says no."""
+        """Whether this round drafts: always when speculative, unless the gate says no; then
+        a row whose waiting context is full has it taken into the draft cache first."""
         if not self.gamma:
             return False
         if self.gate is None:
             return True
         lo, hi, active = self._window()
-        return self.context.full(lo, hi) or self.gate.should_draft(lo, active)
+        full = self.context.full(lo, hi)
+        if self.gate.should_draft(lo, active, context_full=full):
+            return True
+        if full:
+            self._draft_run(lo, hi, active)
+        return False
 
     def _admit(self) -> None:
         for s, slot in enumerate(self.slots):
@@ -375,10 +381,9 @@ class Engine:
                                       lengths[rows].copy(), np.asarray(accepted)[rows].copy()))
         self._emit({lo + b: tokens[b, :accepted[b] + 1].tolist() for b in rows})
 
-    def _draft(self, lo: int, hi: int, active: np.ndarray
-               ) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray, np.ndarray]:
-        """Draft + markov + schedule: draft ids [rows, G], draft probs, verify lengths [rows],
-        raw and calibrated confidences [rows, G]."""
+    def _draft_run(self, lo: int, hi: int, active: np.ndarray) -> dict[str, Any]:
+        """The draft graph over rows lo:hi: their waiting context into the draft cache, and the
+        block after each row's anchor drafted."""
         features, positions, counts = self.context.take(lo, hi, active)
         block = self.block_ids[lo:hi]
         block[:, 0] = self.anchors[lo:hi]
@@ -387,9 +392,15 @@ class Engine:
                  "context_features": features, "context_positions": positions,
                  "context_lengths": counts, "past_lengths": self.draft_kv.lengths[lo:hi],
                  **self.draft_kv.feeds(lo, hi)}
-        names = self.pipe.draft.output_names
-        out = self._graph(self.pipe.draft, feeds, names, "draft")
+        out = self._graph(self.pipe.draft, feeds, self.pipe.draft.output_names, "draft")
         self.draft_kv.commit(out, counts, lo)
+        return out
+
+    def _draft(self, lo: int, hi: int, active: np.ndarray
+               ) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray, np.ndarray]:
+        """Draft + markov + schedule: draft ids [rows, G], draft probs, verify lengths [rows],
+        raw and calibrated confidences [rows, G]."""
+        out = self._draft_run(lo, hi, active)
         uniforms = self.rng.draw(self.gamma, self.decoding)[lo:hi]
         marked = self._graph(self.pipe.markov, {
             "base_logits": out["base_logits"], "hidden_states": out["hidden_states"],
