@@ -8,7 +8,11 @@ TTFT and latency p50/p99, tau, the mean verify length and the share of rounds th
 (the rest skipped drafting as not paying: runtime/draft_gate.py; all from the server's
 /metrics), and whether both servers returned the same text; writes bench/results/serve.json and serve.png.
 
+With `--llama-server BIN --gguf TARGET.gguf` llama.cpp's server runs beside them, same slots,
+context, threads and prompts (its text is not compared: other kernels, other rounding).
+
 Usage: python bench/serve.py [--bundle dspark-bundle] [--clients 1,2,4,8] [--requests 8]
+                             [--llama-server build/bin/llama-server --gguf target-f32.gguf]
 """
 from __future__ import annotations
 
@@ -39,19 +43,31 @@ def free_port() -> int:
 
 
 class Server:
-    """`dspark-serve` in its own process group, stopped by its pid."""
+    """An OpenAI-compatible server in its own process group on 127.0.0.1, stopped by its pid."""
 
-    def __init__(self, bundle: Path, slots: int, context: int, threads: int,
-                 target_only: bool) -> None:
-        self.port = free_port()
-        cmd = ["dspark-serve", str(bundle), "--port", str(self.port), "--model-name", MODEL,
+    def __init__(self, name: str, cmd: list[str], port: int) -> None:
+        self.name, self.port = name, port
+        self.proc = subprocess.Popen(["timeout", "7200", *cmd], start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
+
+    @classmethod
+    def dspark(cls, bundle: Path, slots: int, context: int, threads: int,
+               target_only: bool) -> Server:
+        port = free_port()
+        cmd = ["dspark-serve", str(bundle), "--port", str(port), "--model-name", MODEL,
                "--max-batch", str(slots), "--max-context", str(context), "--max-queue", "64",
-               "--threads", str(threads)]
-        self.name = "target_only" if target_only else "dspark"
-        self.proc = subprocess.Popen(["timeout", "7200", *cmd]
-                                     + (["--target-only"] if target_only else []),
-                                     start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}"
+               "--threads", str(threads)] + (["--target-only"] if target_only else [])
+        return cls("target_only" if target_only else "dspark", cmd, port)
+
+    @classmethod
+    def llama(cls, binary: Path, gguf: Path, slots: int, context: int, threads: int) -> Server:
+        """llama.cpp's llama-server: `slots` parallel sequences of `context` positions each,
+        continuous batching (its default), the GGUF's chat template."""
+        port = free_port()
+        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(slots), "-c", str(slots * context), "-t", str(threads),
+               "-tb", str(threads), "--no-webui"]
+        return cls("llama_server", cmd, port)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -147,7 +163,7 @@ def plot(table: dict[int, dict[str, dict]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for key, ax, title in (("per_user_tokens_per_s", axes[0], "per-user tokens/s"),
                            ("aggregate_tokens_per_s", axes[1], "aggregate tokens/s")):
-        for mode in ("dspark", "target_only"):
+        for mode in [m for m in ("dspark", "target_only", "llama_server") if m in table[levels[0]]]:
             ax.plot(levels, [table[c][mode][key] for c in levels], marker="o", label=mode)
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
@@ -167,7 +183,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-context", type=int, default=512,
                         help="cache positions per slot (rounds attend over all of them)")
+    parser.add_argument("--llama-server", type=Path,
+                        help="also serve --gguf with this llama.cpp llama-server binary, beside")
+    parser.add_argument("--gguf", type=Path, help="the target as GGUF, for --llama-server")
     args = parser.parse_args()
+    if (args.llama_server is None) != (args.gguf is None):
+        sys.exit("--llama-server and --gguf go together")
     if not (args.bundle / "manifest.json").is_file():
         sys.exit(f"{args.bundle}: no bundle (manifest.json missing); run `dspark-export build`")
     from dspark_export.profile import load_eval_prompts
@@ -177,8 +198,11 @@ def main() -> None:
     sets = load_eval_prompts(per_domain)
     mixed = [p for group in zip(*(v["prompts"] for v in sets.values())) for p in group]
     prompts = mixed[:args.requests]
-    servers = [Server(args.bundle, max(levels), args.max_context, args.threads, target_only)
-               for target_only in (False, True)]
+    servers = [Server.dspark(args.bundle, max(levels), args.max_context, args.threads,
+                             target_only) for target_only in (False, True)]
+    if args.llama_server:
+        servers.append(Server.llama(args.llama_server, args.gguf, max(levels), args.max_context,
+                                    args.threads))
     try:
         for server in servers:
             server.wait_ready()
@@ -202,6 +226,10 @@ def main() -> None:
                                      / row["target_only"]["per_user_tokens_per_s"])
             row["aggregate_ratio"] = (row["dspark"]["aggregate_tokens_per_s"]
                                       / row["target_only"]["aggregate_tokens_per_s"])
+            if "llama_server" in row:
+                row["per_user_ratio_vs_llama_server"] = (
+                    row["dspark"]["per_user_tokens_per_s"]
+                    / row["llama_server"]["per_user_tokens_per_s"])
             print(f"{clients} clients: per-user {row['dspark']['per_user_tokens_per_s']:.1f} vs "
                   f"{row['target_only']['per_user_tokens_per_s']:.1f} tok/s "
                   f"({row['per_user_ratio']:.2f}x), aggregate "
@@ -215,7 +243,7 @@ def main() -> None:
           "latency p50 / p99 s | tau | mean verify length | drafted rounds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for clients, row in table.items():
-        for mode in ("dspark", "target_only"):
+        for mode in (s.name for s in servers):
             r = row[mode]
             tau = "-" if r["tau"] is None else f"{r['tau']:.2f}"
             verify = "-" if r["mean_verify_length"] is None else f"{r['mean_verify_length']:.2f}"
@@ -228,6 +256,7 @@ def main() -> None:
     (RESULTS / "serve.json").write_text(json.dumps(
         {"bundle": str(args.bundle), "max_tokens": args.max_tokens, "threads": args.threads,
          "prompts": len(prompts), "date": time.strftime("%Y-%m-%d %H:%M"),
+         "llama_server": str(args.gguf) if args.gguf else None,
          "levels": {str(c): row for c, row in table.items()}}, indent=2))
     plot(table, RESULTS / "serve.png")
     print(f"wrote {RESULTS / 'serve.json'} and serve.png")

@@ -121,8 +121,17 @@ class DraftGate:
         return np.clip(confidence * self.correction(slots), 0.0, 1.0)
 
     def draft_seconds(self, rows: int) -> float | None:
-        """What drafting costs over a window of `rows` rows (median of the last rounds)."""
-        return self._cost.get(rows)
+        """What drafting costs over a window of `rows` rows: the median of its last rounds;
+        for a window size not drafted yet, interpolated between the sizes measured, or beyond
+        them the nearest one's (scaled by the rows, above: never an underestimate on a CPU,
+        where the cost grows with the rows). None before any drafting round."""
+        if rows in self._cost or not self._cost:
+            return self._cost.get(rows)
+        sizes = sorted(self._cost)
+        costs = [self._cost[n] for n in sizes]
+        if rows > sizes[-1]:
+            return costs[-1] * rows / sizes[-1]
+        return float(np.interp(rows, sizes, costs))
 
     def should_draft(self, lo: int, active: np.ndarray, *, context_full: bool = False) -> bool:
         """True to draft over rows lo:lo+len(active); counts the decision. `context_full`: a

@@ -31,19 +31,16 @@ def _observed(gate: DraftGate, confidence: float, seconds: float, rows: int = 2,
     return gate
 
 
-def test_gate_drafts_until_it_has_measured_a_round():
+def test_gate_drafts_until_it_has_measured_a_round_then_predicts():
     gate = DraftGate(STEEP, slots=3, gamma=GAMMA)
     assert gate.should_draft(0, np.ones(2, dtype=bool))  # no confidences, no cost yet
     _observed(gate, 0.9, 0.001)
     assert not gate.should_draft(0, np.ones(2, dtype=bool))
-    assert gate.should_draft(0, np.ones(3, dtype=bool))  # a window size not measured yet
-    _observed(gate, 0.9, 0.001, rows=3)
-    assert not gate.should_draft(0, np.ones(3, dtype=bool))
-    _observed(gate, 0.9, 0.001, rows=1)
+    assert not gate.should_draft(0, np.ones(3, dtype=bool))  # cost scaled from 2 rows
     assert gate.should_draft(0, np.ones(1, dtype=bool))  # one row: 2.7 tokens a step
     gate.forget(1)  # a new request in slot 1: guessed from the others, no draft needed
     assert not gate.should_draft(1, np.ones(2, dtype=bool))
-    assert (gate.drafted, gate.skipped) == (3, 3)
+    assert (gate.drafted, gate.skipped) == (2, 3)
 
 
 def test_gate_weighs_expected_tokens_against_the_cost_of_drafting():
@@ -118,11 +115,17 @@ def test_confidences_are_corrected_by_what_verification_accepted():
 
 
 def test_draft_cost_is_a_recent_median_per_window_size():
-    gate = DraftGate(FLAT, 3, GAMMA)
+    gate = DraftGate(FLAT, 4, GAMMA)
     for seconds in (1.0, 0.002, 0.004, 0.003):  # a slow first run does not stick
         _observed(gate, 0.9, seconds)
     assert gate.draft_seconds(2) == pytest.approx(0.0035)
-    assert gate.draft_seconds(3) is None
+    assert DraftGate(FLAT, 3, GAMMA).draft_seconds(2) is None  # nothing measured
+    # sizes not drafted yet: interpolated, or scaled from the nearest one measured
+    _observed(gate, 0.9, 0.0005, rows=1)
+    assert gate.draft_seconds(3) == pytest.approx(0.0035 * 3 / 2)
+    _observed(gate, 0.9, 0.0095, rows=4)
+    assert gate.draft_seconds(3) == pytest.approx(0.0065)
+    assert gate.draft_seconds(1) == pytest.approx(0.0005)
     for _ in range(COST_WINDOW):
         _observed(gate, 0.9, 0.5)
     assert gate.draft_seconds(2) == pytest.approx(0.5)  # only the last rounds count
