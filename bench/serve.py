@@ -66,7 +66,7 @@ class Server:
         port = free_port()
         cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(slots), "-c", str(slots * context), "-t", str(threads),
-               "-tb", str(threads), "--no-webui"]
+               "-tb", str(threads), "--no-webui", "--metrics"]
         return cls("llama_server", cmd, port)
 
     def wait_ready(self, timeout: float = 300) -> None:

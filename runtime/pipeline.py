@@ -45,7 +45,7 @@ class Pipeline:
         self.calibration, self.sps = calibration, sps
         self.schedule = auto_schedule(sps) if schedule == AUTO else schedule
         self.threshold = threshold
-        make_scheduler(self.schedule, gamma=self.gamma, threshold=threshold, sps=sps)  # fail early
+        self.make_scheduler()  # fail early on a scheduler this bundle cannot run
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, *, backend: str = "auto",
