@@ -31,7 +31,7 @@ import numpy as np
 
 from .calibration import sigmoid
 from .draft_gate import DraftGate, pending_context_width
-from .kv import KVCache
+from .kv import KVCache, prefix_indices
 from .sampling import RequestRandomness, select_tokens
 from .stats import RequestOutput, StageTimer
 
@@ -95,8 +95,7 @@ class PendingContext:
         self.memory.commit([self.memory.rows(self.features, lo, hi)], [source],
                            self.counts[lo:hi], counts)
         self.memory.synchronize()
-        row = np.repeat(np.arange(rows), counts)
-        step = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
+        row, step = prefix_indices(counts)
         self.positions[lo + row, self.counts[lo + row] + step] = positions[row, step]
         self.counts[lo:hi] += counts
 
@@ -124,12 +123,11 @@ class Engine:
                  scheduler: Any = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefill_budget: int | None = None, on_text: TextCallback | None = None,
                  on_round: Callable[[RoundRecord], None] | None = None,
-                 on_finish: Callable[[int, RequestOutput], None] | None = None,
-                 draft_gate: bool = True) -> None:
+                 on_finish: Callable[[int, RequestOutput], None] | None = None) -> None:
         """`capacity`: cache positions per slot (prompt + generated + one round's drafts);
-        `gamma` 0 decodes target-only; `scheduler` picks verify lengths when drafting;
-        `draft_gate`: with a hardware-aware scheduler (one that costs verification by an SPS
-        table), skip drafting in rounds where it would not pay (draft_gate.py).
+        `gamma` 0 decodes target-only; `scheduler` picks verify lengths when drafting; with a
+        hardware-aware one (it costs verification by an SPS table) the engine skips drafting
+        in rounds where it would not pay (draft_gate.py).
         A finished request goes to `on_finish` if given, else stays in `finished`."""
         if gamma and scheduler is None:
             raise ValueError("a speculative engine (gamma > 0) needs a scheduler")
@@ -146,8 +144,7 @@ class Engine:
                                           pipe.draft.input_dtypes["context_features"])
             self.block_ids = np.full((slots, gamma), pipe.mask_token_id, dtype=np.int64)
         sps = getattr(scheduler, "sps", None)  # the hardware-aware schedulers' cost table
-        self.gate = (DraftGate(sps, slots, gamma) if gamma and draft_gate and sps is not None
-                     else None)
+        self.gate = DraftGate(sps, slots, gamma) if gamma and sps is not None else None
         self.slots: list[_Slot | None] = [None] * slots
         self.waiting: deque[tuple[int, Request]] = deque()
         self.finished: dict[int, RequestOutput] = {}

@@ -39,6 +39,12 @@ class Memory(Protocol):
         """Make finished commits visible to the next graph run."""
 
 
+def prefix_indices(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, step) index pairs of the first counts[b] steps of every row b, row by row."""
+    rows = np.repeat(np.arange(len(counts)), counts)
+    return rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 class HostMemory:
     """numpy buffers: ONNX Runtime's CPU provider reads them in place."""
 
@@ -52,8 +58,7 @@ class HostMemory:
                counts: np.ndarray) -> None:
         """One fancy-indexed copy per buffer, whatever the batch: (row, slot) index pairs of
         every committed position are built once for all layers."""
-        rows = np.repeat(np.arange(len(counts)), counts)
-        src = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows, src = prefix_indices(counts)
         dst = lengths[rows] + src
         for cache, present in zip(caches, presents):
             cache[rows, :, dst] = present[rows, :, src]
