@@ -191,6 +191,20 @@ class CudaMemory:
                     ctypes.c_void_p(dst), capacity * row, ctypes.c_void_p(src), steps * row,
                     n * row, heads, 3, None))
 
+    def resized(self, buffer: DeviceArray, length: int) -> DeviceArray:
+        """A zero-filled [B, H, length, D] buffer with buffer's first positions: one 2D copy,
+        B*H blocks of min(S, length)*D elements from pitch S*D to pitch length*D."""
+        batch, heads, positions, head_dim = buffer.shape
+        out = self.empty((batch, heads, length, head_dim), buffer.dtype)
+        row = head_dim * buffer.dtype.itemsize
+        keep = min(positions, length)
+        if keep and batch * heads:
+            cudart = _cudart()
+            cudart.check(cudart.lib.cudaMemcpy2DAsync(
+                ctypes.c_void_p(out.ptr), length * row, ctypes.c_void_p(buffer.ptr),
+                positions * row, keep * row, batch * heads, 3, None))
+        return out
+
     def leading(self, array: DeviceArray, n: int) -> DeviceArray:
         """array[:, :n]: a view for one row or the full axis, else one strided device copy."""
         rows, full = array.shape[0], array.shape[1]

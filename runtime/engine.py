@@ -445,6 +445,10 @@ class Engine:
         self.slots[s] = None
         self.decoding[s] = False
         self._finish(slot.request_id, slot.output)
+        caches = (self.kv, self.draft_kv) if self.gamma else (self.kv,)
+        for cache in caches:  # its positions no longer count: the buffers may shrink
+            cache.lengths[s] = 0
+            cache.fit()
 
     def _finish(self, request_id: int, output: RequestOutput) -> None:
         if self.on_finish is not None:

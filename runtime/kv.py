@@ -6,6 +6,11 @@ copy) and the graph returns K/V of the new positions only. `commit` then writes 
 prefix of those new positions at each row's length: O(new tokens) per step, and rejected drafts
 never need rolling back. Where the buffers live is the backend's business (`Memory`): numpy on
 the host for the CPU provider, device memory for CUDA.
+
+Because a graph's attention reads all S positions, S follows the longest live row rather than
+the cache's capacity: the buffers start small, grow (with headroom) when a commit needs room,
+and shrink when the long rows have left (`fit`). A server's 2048-position slots would otherwise
+make every decode step attend over 2048 masked positions.
 """
 from __future__ import annotations
 
@@ -37,6 +42,10 @@ class Memory(Protocol):
 
     def synchronize(self) -> None:
         """Make finished commits visible to the next graph run."""
+
+    def resized(self, buffer: Any, length: int) -> Any:
+        """A new zero-filled `[B, H, length, D]` buffer holding `buffer`'s first
+        min(S, length) positions."""
 
 
 def prefix_indices(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +81,22 @@ class HostMemory:
     def synchronize(self) -> None:
         pass
 
+    def resized(self, buffer: np.ndarray, length: int) -> np.ndarray:
+        out = np.zeros((*buffer.shape[:2], length, buffer.shape[3]), dtype=buffer.dtype)
+        keep = min(length, buffer.shape[2])
+        out[:, :, :keep] = buffer[:, :, :keep]
+        return out
+
+
+def allocation(needed: int, capacity: int) -> int:
+    """Buffer length for `needed` positions: a quarter more (so growth copies are rare),
+    rounded up to `ALLOCATION_STEP`, at most `capacity`."""
+    return min(capacity, -(-(needed + needed // 4 + 1) // ALLOCATION_STEP) * ALLOCATION_STEP)
+
+
+# Granularity of buffer lengths: few distinct shapes, little masked waste.
+ALLOCATION_STEP = 64
+
 
 class KVCache:
     """K/V buffers of one model (target or draft) for one batch of requests."""
@@ -80,7 +105,7 @@ class KVCache:
                  head_dim: int, dtype: np.dtype = np.float32) -> None:
         self.memory = memory
         self.capacity = capacity
-        shape = (batch, heads, capacity, head_dim)
+        shape = (batch, heads, allocation(0, capacity), head_dim)
         self.keys = [memory.empty(shape, dtype) for _ in range(layers)]
         self.values = [memory.empty(shape, dtype) for _ in range(layers)]
         self.lengths = np.zeros(batch, dtype=np.int64)
@@ -113,9 +138,12 @@ class KVCache:
         `outputs` holds `present_key_i` / `present_value_i` [rows, H, T, D] of the last run.
         """
         hi = lo + len(counts)
-        if np.any(self.lengths[lo:hi] + counts > self.capacity):
+        ends = self.lengths[lo:hi] + counts
+        if np.any(ends > self.capacity):
             raise ValueError(f"KV cache overflow: capacity {self.capacity}, "
                              f"lengths {self.lengths[lo:hi]} + {counts}")
+        if int(ends.max(initial=0)) > self.allocated:
+            self._resize(allocation(int(ends.max()), self.capacity))
         rows = self.memory.rows
         caches = [rows(b, lo, hi) for kv in zip(self.keys, self.values) for b in kv]
         presents = [outputs[f"present_{kind}_{i}"] for i in range(len(self.keys))
@@ -123,3 +151,21 @@ class KVCache:
         self.memory.commit(caches, presents, self.lengths[lo:hi], counts)
         self.memory.synchronize()
         self.lengths[lo:hi] += counts
+
+    @property
+    def allocated(self) -> int:
+        """Positions the buffers hold now (S of every feed), at most `capacity`."""
+        return int(self.keys[0].shape[2])
+
+    def fit(self) -> None:
+        """Shrink the buffers when the longest row needs less than half of them (call after
+        rows have been cleared: their `lengths` set to 0)."""
+        wanted = allocation(int(self.lengths.max(initial=0)), self.capacity)
+        if 2 * wanted <= self.allocated:
+            self._resize(wanted)
+
+    def _resize(self, length: int) -> None:
+        resized = self.memory.resized
+        self.keys = [resized(k, length) for k in self.keys]
+        self.values = [resized(v, length) for v in self.values]
+        self.memory.synchronize()

@@ -140,21 +140,31 @@ def pipe(tmp_path_factory):
 
 
 def _run(pipe, prompts: list[list[int]], max_new: int, *, sps: SPSTable | None, rounds: list):
+    """The engine over `prompts` (slot i holds request i); the outputs, and each slot's draft
+    cache (keys + values of its row, valid length) as it was when its request finished."""
     scheduler = make_scheduler("hardware", gamma=pipe.gamma, sps=sps, padded=True) if sps \
         else make_scheduler("fixed", gamma=pipe.gamma)
+    outputs, draft_caches = {}, {}
+
+    def finished(request_id, output):
+        outputs[request_id] = output
+        cache = engine.draft_kv
+        draft_caches[request_id] = ([b[request_id].copy() for b in cache.keys + cache.values],
+                                    int(cache.lengths[request_id]))
+
     engine = Engine(pipe, slots=len(prompts), capacity=NEW + 32, gamma=pipe.gamma,
-                    scheduler=scheduler, on_round=rounds.append)
+                    scheduler=scheduler, on_round=rounds.append, on_finish=finished)
     ids = [engine.submit(Request(p, max_new)) for p in prompts]
     while engine.has_work():
         engine.step()
-    return engine, [engine.finished[i] for i in ids]
+    return engine, [outputs[i] for i in ids], [draft_caches[i] for i in ids]
 
 
 def test_skipped_rounds_stay_lossless_and_feed_the_next_draft(pipe):
     prompts = pipe.encode(["t5 t6 t7 t8 t9", "t20 t21"])
     want = pipe.generate(prompts, max_new_tokens=NEW, target_only=True).requests
     rounds: list = []
-    gated, outs = _run(pipe, prompts, NEW, sps=STEEP, rounds=rounds)
+    gated, outs, gated_caches = _run(pipe, prompts, NEW, sps=STEEP, rounds=rounds)
     assert [o.token_ids for o in outs] == [w.token_ids for w in want]
     # The first round drafts (nothing measured); then the gate skips, and when a row's
     # waiting context is full it is taken into the draft cache in one draft run, no verify.
@@ -167,10 +177,10 @@ def test_skipped_rounds_stay_lossless_and_feed_the_next_draft(pipe):
 
     # The draft cache holds the same context K/V whether the target's features came one
     # round at a time or many rounds at once.
-    always, _ = _run(pipe, prompts, NEW, sps=None, rounds=[])
-    for s in range(len(prompts)):
-        n = int(min(gated.draft_kv.lengths[s], always.draft_kv.lengths[s]))
-        assert n >= len(prompts[s]) + pending_context_width(pipe.gamma)
-        for a, b in zip(gated.draft_kv.keys + gated.draft_kv.values,
-                        always.draft_kv.keys + always.draft_kv.values):
-            np.testing.assert_allclose(a[s, :, :n], b[s, :, :n], rtol=1e-4, atol=1e-5)
+    _, _, always_caches = _run(pipe, prompts, NEW, sps=None, rounds=[])
+    for (gated_rows, gated_length), (always_rows, always_length), prompt in zip(
+            gated_caches, always_caches, prompts):
+        n = min(gated_length, always_length)
+        assert n >= len(prompt) + pending_context_width(pipe.gamma)
+        for a, b in zip(gated_rows, always_rows):
+            np.testing.assert_allclose(a[:, :n], b[:, :n], rtol=1e-4, atol=1e-5)

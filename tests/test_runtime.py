@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import export_tiny_pair
 
-from dspark_runtime.kv import HostMemory, KVCache
+from dspark_runtime.kv import ALLOCATION_STEP, HostMemory, KVCache, allocation
 from dspark_runtime.sampling import RequestRandomness, select_tokens
 from dspark_runtime.tokenizer import StreamDecoder, TextTokenizer
 
@@ -69,6 +69,32 @@ def test_kv_feeds_are_views_of_the_buffers():
     assert np.shares_memory(feeds["past_key_0"], kv.keys[0])
     assert feeds["past_key_0"].flags.c_contiguous
     assert kv.feeds(0, 4, empty=True)["past_value_0"].shape == (4, 2, 0, 4)
+
+
+def test_kv_buffers_follow_the_longest_row_not_the_capacity():
+    """Graphs attend over every buffer position, so S grows with the rows and shrinks back."""
+    kv = KVCache(HostMemory(), layers=1, batch=2, heads=2, capacity=1000, head_dim=4)
+    assert kv.allocated == ALLOCATION_STEP
+    rng = np.random.default_rng(1)
+    present = {name: rng.normal(size=(2, 2, 90, 4)).astype(np.float32)
+               for name in ("present_key_0", "present_value_0")}
+    kv.commit(present, np.array([90, 30]))
+    assert kv.allocated == allocation(90, 1000) and 90 < kv.allocated < 1000
+    kv.commit(present, np.array([0, 60]))  # still fits: no copy
+    assert kv.allocated == allocation(90, 1000)
+    kv.commit(present, np.array([90, 0]))  # grown: the committed positions survive
+    assert kv.allocated == allocation(180, 1000)
+    np.testing.assert_array_equal(kv.keys[0][0, :, :90], present["present_key_0"][0])
+    np.testing.assert_array_equal(kv.values[0][0, :, 90:180], present["present_value_0"][0])
+    np.testing.assert_array_equal(kv.keys[0][1, :, 30:90], present["present_key_0"][1, :, :60])
+    assert kv.feeds(0, 2)["past_key_0"].shape == (2, 2, kv.allocated, 4)
+    kv.lengths[0] = 0  # the long row left
+    kv.fit()
+    assert kv.allocated == allocation(90, 1000)
+    np.testing.assert_array_equal(kv.keys[0][1, :, 30:90], present["present_key_0"][1, :, :60])
+    kv.fit()  # nothing more to shrink
+    assert kv.allocated == allocation(90, 1000)
+    assert allocation(10_000, 1000) == 1000
 
 
 def test_select_tokens_follows_the_inverse_cdf_rule():

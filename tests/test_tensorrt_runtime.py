@@ -196,6 +196,11 @@ def test_cuda_memory_commit_and_leading_match_host_memory(fake_cuda):
     view = memory.leading(one, 2)  # one row: a view, no copy
     assert view.ptr == one.ptr and view.shape == (1, 2, 5)
     assert fake_cuda.calls["cudaDeviceSynchronize"] == 1  # leading waits for its copy
+    for length in (9, 5):  # grown and shrunk: the kept positions, zeros after them
+        moved = fake_cuda.download(memory.resized(on_device[0], length))
+        keep = min(length, 7)
+        np.testing.assert_array_equal(moved[:, :, :keep], caches[0][:, :, :keep])
+        assert moved.shape == (3, 2, length, 4) and not moved[:, :, keep:].any()
 
 
 def test_allocations_are_freed_with_their_last_view(fake_cuda):
