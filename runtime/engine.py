@@ -259,8 +259,7 @@ class Engine:
                  "position_ids": positions, "past_lengths": np.array([start], dtype=np.int64),
                  "new_lengths": np.array([n], dtype=np.int64),
                  **self.kv.feeds(s, s + 1, empty=start == 0)}
-        self.timer.lap("host")
-        out = self.pipe.target.run(feeds, device_outputs=self._present_names("features"))
+        out = self._graph(self.pipe.target, feeds, self._present_names("features"), "prefill")
         counts = np.array([n], dtype=np.int64)
         self.kv.commit(out, counts, s)
         if self.gamma:
@@ -278,15 +277,9 @@ class Engine:
 
     def _ingest_context(self, s: int, features: Any, positions: np.ndarray,
                         counts: np.ndarray) -> None:
-        """A prompt chunk's context features into slot `s`'s draft cache."""
-        draft = self.pipe.draft
-        feeds = {"block_ids": self.block_ids[s:s + 1],
-                 "block_positions": positions[:, -1:] + 1 + self.offsets[None, :self.gamma],
-                 "context_features": features, "context_positions": positions,
-                 "context_lengths": counts, "past_lengths": self.draft_kv.lengths[s:s + 1],
-                 **self.draft_kv.feeds(s, s + 1)}
-        out = draft.run(feeds, device_outputs=draft.output_names)
-        self.draft_kv.commit(out, counts, s)
+        """A prompt chunk's context features into slot `s`'s draft cache (the drafted block,
+        after a stale anchor, is not used)."""
+        self._run_draft(s, s + 1, features, positions, counts, "prefill")
 
     def _present_names(self, *extra: str) -> list[str]:
         return [n for n in self.pipe.target.output_names if n.startswith("present_")] + list(extra)
@@ -294,7 +287,7 @@ class Engine:
     def _graph(self, runner: Any, feeds: dict[str, Any], keep: Sequence[str], stage: str) -> dict:
         self.timer.lap("host")
         out = runner.run(feeds, device_outputs=keep)
-        self.timer.lap(stage, graph=True)
+        self.timer.lap(stage, graph=stage != "prefill")  # graph_seconds: decode time only
         return out
 
     def _window(self) -> tuple[int, int, np.ndarray]:
@@ -381,7 +374,12 @@ class Engine:
     def _draft_run(self, lo: int, hi: int, active: np.ndarray) -> dict[str, Any]:
         """The draft graph over rows lo:hi: their waiting context into the draft cache, and the
         block after each row's anchor drafted."""
-        features, positions, counts = self.context.take(lo, hi, active)
+        return self._run_draft(lo, hi, *self.context.take(lo, hi, active), "draft")
+
+    def _run_draft(self, lo: int, hi: int, features: Any, positions: np.ndarray,
+                   counts: np.ndarray, stage: str) -> dict[str, Any]:
+        """Context features (counts[b] of them a row) into rows lo:hi's draft cache, and the
+        block after each row's anchor (at its target cache length) drafted."""
         block = self.block_ids[lo:hi]
         block[:, 0] = self.anchors[lo:hi]
         pos = self.kv.lengths[lo:hi]
@@ -389,7 +387,7 @@ class Engine:
                  "context_features": features, "context_positions": positions,
                  "context_lengths": counts, "past_lengths": self.draft_kv.lengths[lo:hi],
                  **self.draft_kv.feeds(lo, hi)}
-        out = self._graph(self.pipe.draft, feeds, self.pipe.draft.output_names, "draft")
+        out = self._graph(self.pipe.draft, feeds, self.pipe.draft.output_names, stage)
         self.draft_kv.commit(out, counts, lo)
         return out
 
