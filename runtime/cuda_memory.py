@@ -205,6 +205,18 @@ class CudaMemory:
                 positions * row, keep * row, batch * heads, 3, None))
         return out
 
+    def copy_prefix(self, buffer: DeviceArray, src: int, dst: int, n: int) -> None:
+        """buffer[dst, :, :n] = buffer[src, :, :n]: H blocks of n*D elements, pitch S*D."""
+        _, heads, positions, head_dim = buffer.shape
+        row = head_dim * buffer.dtype.itemsize
+        if n and src != dst:
+            stride = heads * positions * row
+            cudart = _cudart()
+            cudart.check(cudart.lib.cudaMemcpy2DAsync(
+                ctypes.c_void_p(buffer.ptr + dst * stride), positions * row,
+                ctypes.c_void_p(buffer.ptr + src * stride), positions * row, n * row, heads,
+                3, None))
+
     def leading(self, array: DeviceArray, n: int) -> DeviceArray:
         """array[:, :n]: a view for one row or the full axis, else one strided device copy."""
         rows, full = array.shape[0], array.shape[1]

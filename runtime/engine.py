@@ -7,7 +7,10 @@ The engine owns `slots` rows of KV cache (target and draft) and the request in e
 2. prefills newcomers in chunks of at most `prefill_chunk` tokens, up to `prefill_budget`
    tokens a step, so a long prompt delays the others' rounds by one chunk at a time. When
    drafting, each chunk's context features go into the draft cache at once (a draft run whose
-   block is discarded); a request whose prompt is in samples its first token;
+   block is discarded); a request whose prompt is in samples its first token. Before its
+   first chunk, a newcomer copies the longest prefix of its prompt that another slot's caches
+   hold (a running request's, or what a finished one left; chat prompts share their template's
+   system turn) and prefills only the rest;
 3. runs one round for the decoding slots: `_speculative_round` (draft -> markov -> schedule ->
    target verify -> SpecVerify -> commit) or `_target_round` (one token a row): target-only
    engines always, speculative ones when the `DraftGate` predicts that drafting will not pay
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 DEFAULT_PREFILL_CHUNK = 512
+# Shorter shared prefixes are prefilled anyway: a copy saves little below this many tokens.
+MIN_PREFIX_REUSE = 8
 TextCallback = Callable[[int, str], None]  # (request id, new text)
 
 
@@ -123,12 +128,14 @@ class Engine:
                  scheduler: Any = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefill_budget: int | None = None, on_text: TextCallback | None = None,
                  on_round: Callable[[RoundRecord], None] | None = None,
-                 on_finish: Callable[[int, RequestOutput], None] | None = None) -> None:
+                 on_finish: Callable[[int, RequestOutput], None] | None = None,
+                 reuse_prefixes: bool = True) -> None:
         """`capacity`: cache positions per slot (prompt + generated + one round's drafts);
         `gamma` 0 decodes target-only; `scheduler` picks verify lengths when drafting; with a
         hardware-aware one (it costs verification by an SPS table) the engine skips drafting
         in rounds where it would not pay (draft_gate.py).
-        A finished request goes to `on_finish` if given, else stays in `finished`."""
+        A finished request goes to `on_finish` if given, else stays in `finished`.
+        `reuse_prefixes`: a newcomer copies a prompt prefix another slot holds (module doc)."""
         if gamma and scheduler is None:
             raise ValueError("a speculative engine (gamma > 0) needs a scheduler")
         self.pipe, self.gamma, self.scheduler = pipe, gamma, scheduler
@@ -146,6 +153,10 @@ class Engine:
         sps = getattr(scheduler, "sps", None)  # the hardware-aware schedulers' cost table
         self.gate = DraftGate(sps, slots, gamma) if gamma and sps is not None else None
         self.slots: list[_Slot | None] = [None] * slots
+        self.reuse_prefixes = reuse_prefixes
+        # per slot: the token ids a finished request left in its caches, and how many of them
+        # both caches hold (from position 0)
+        self.residue: list[tuple[list[int], int]] = [([], 0)] * slots
         self.waiting: deque[tuple[int, Request]] = deque()
         self.finished: dict[int, RequestOutput] = {}
         self.decoding = np.zeros(slots, dtype=bool)
@@ -245,9 +256,45 @@ class Engine:
     def _prefill(self) -> None:
         budget = self.prefill_budget
         for s, slot in enumerate(self.slots):
+            if slot is not None and slot.prefilled == 0 and self.reuse_prefixes:
+                self._reuse_prefix(s, slot)
             while slot is not None and slot.prefilled < len(slot.request.prompt_ids) \
                     and budget > 0:
                 budget -= self._prefill_chunk(s, slot, min(self.prefill_chunk, budget))
+
+    def _caches(self) -> tuple[KVCache, ...]:
+        return (self.kv, self.draft_kv) if self.gamma else (self.kv,)
+
+    def _held(self, d: int, newcomer: int) -> tuple[Sequence[int], int]:
+        """Token ids whose K/V slot d's caches hold from position 0, and how many (both caches:
+        the draft cache may lag by the context waiting for the next draft)."""
+        slot = self.slots[d]
+        if slot is None or d == newcomer:
+            ids, n = self.residue[d]
+        else:
+            ids = slot.request.prompt_ids + slot.output.token_ids
+            n = min(int(cache.lengths[d]) for cache in self._caches())
+        return ids, min([n] + [cache.allocated for cache in self._caches()])
+
+    def _reuse_prefix(self, s: int, slot: _Slot) -> None:
+        """Copy into slot s the longest prefix of its prompt (all but the last token, which
+        must run to give the first new token) that some slot's caches hold."""
+        prompt = np.asarray(slot.request.prompt_ids)
+        best, donor = 0, s
+        for d in range(len(self.slots)):
+            ids, n = self._held(d, s)
+            n = min(n, len(prompt) - 1)
+            if n <= best:
+                continue
+            same = np.asarray(ids[:n]) == prompt[:n]
+            common = n if same.all() else int(np.argmin(same))
+            if common > best:
+                best, donor = common, d
+        if best < MIN_PREFIX_REUSE:
+            return
+        for cache in self._caches():
+            cache.copy_prefix(donor, s, best)
+        slot.prefilled = slot.output.cached_tokens = best
 
     def _prefill_chunk(self, s: int, slot: _Slot, limit: int) -> int:
         """The next chunk of slot `s`'s prompt into the caches; the first token after the last."""
@@ -440,11 +487,11 @@ class Engine:
     def _retire(self, s: int) -> None:
         slot = self.slots[s]
         slot.output.text = self.pipe.tokenizer.decode(slot.output.token_ids)
+        self.residue[s] = self._held(s, -1)  # left for a later prompt with the same prefix
         self.slots[s] = None
         self.decoding[s] = False
         self._finish(slot.request_id, slot.output)
-        caches = (self.kv, self.draft_kv) if self.gamma else (self.kv,)
-        for cache in caches:  # its positions no longer count: the buffers may shrink
+        for cache in self._caches():  # its positions no longer count: the buffers may shrink
             cache.lengths[s] = 0
             cache.fit()
 

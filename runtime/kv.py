@@ -47,6 +47,9 @@ class Memory(Protocol):
         """A new zero-filled `[B, H, length, D]` buffer holding `buffer`'s first
         min(S, length) positions."""
 
+    def copy_prefix(self, buffer: Any, src: int, dst: int, n: int) -> None:
+        """buffer[dst, :, :n] = buffer[src, :, :n] (another row's cached prefix)."""
+
 
 def prefix_indices(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row, step) index pairs of the first counts[b] steps of every row b, row by row."""
@@ -86,6 +89,9 @@ class HostMemory:
         keep = min(length, buffer.shape[2])
         out[:, :, :keep] = buffer[:, :, :keep]
         return out
+
+    def copy_prefix(self, buffer: np.ndarray, src: int, dst: int, n: int) -> None:
+        buffer[dst, :, :n] = buffer[src, :, :n]
 
 
 def allocation(needed: int, capacity: int) -> int:
@@ -151,6 +157,15 @@ class KVCache:
         self.memory.commit(caches, presents, self.lengths[lo:hi], counts)
         self.memory.synchronize()
         self.lengths[lo:hi] += counts
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Row `dst` takes row `src`'s first n positions (a shared prompt prefix) as its own."""
+        if n > self.allocated:
+            raise ValueError(f"row {src} holds {self.allocated} positions, not {n}")
+        for buffer in self.keys + self.values:
+            self.memory.copy_prefix(buffer, src, dst, n)
+        self.memory.synchronize()
+        self.lengths[dst] = n
 
     @property
     def allocated(self) -> int:

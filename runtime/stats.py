@@ -24,6 +24,7 @@ class RequestOutput:
     finish_reason: str = "length"  # "stop" | "length" | "context" | "cancelled" | "error"
     accepted: list[int] = field(default_factory=list)  # accepted drafts per round
     verified: list[int] = field(default_factory=list)  # drafts submitted per round
+    cached_tokens: int = 0  # prompt tokens copied from another slot's caches, not prefilled
 
     @property
     def tau(self) -> float:

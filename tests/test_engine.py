@@ -106,3 +106,33 @@ def test_streamed_text_and_bad_requests(pipe, solo):
         engine.submit(Request(ids[0], 0))
     with pytest.raises(ValueError, match="needs a scheduler"):
         Engine(pipe, slots=1, capacity=8, gamma=pipe.gamma)
+
+
+SHARED = " ".join(f"t{i}" for i in range(100, 120))  # a 20-token prefix, like a system turn
+PREFIXED = [SHARED + " t40 t41", SHARED + " t50", SHARED + " t40 t41"]
+
+
+@pytest.mark.parametrize("gamma", [None, 0])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_shared_prompt_prefix_is_copied_not_prefilled(pipe, gamma, temperature):
+    """A newcomer copies the prefix a running request holds (0 -> 1), or the whole prompt but
+    its last token from what a finished one left (0 -> 2); its tokens stay its solo tokens."""
+    ids = pipe.encode(PREFIXED)
+    target_only = gamma == 0
+    want = [pipe.generate([p], max_new_tokens=MAX_NEW, temperature=temperature, seed=i,
+                          target_only=target_only).requests[0] for i, p in enumerate(ids)]
+    requests = [Request(p, MAX_NEW, temperature, i) for i, p in enumerate(ids)]
+    shared = next(k for k, (a, b) in enumerate(zip(ids[0], ids[1])) if a != b)
+    assert shared >= 20
+
+    engine = _engine(pipe, slots=2, gamma=gamma)
+    outs = _run(engine, {0: [0, 1], 30: [2]}, requests)  # 2 arrives after 0 and 1 finished
+    for i, out in outs.items():
+        assert out.token_ids == want[i].token_ids, i
+        assert out.accepted == want[i].accepted and out.verified == want[i].verified, i
+    assert [outs[i].cached_tokens for i in range(3)] == [0, shared, len(ids[2]) - 1]
+
+    plain = _run(_engine(pipe, slots=2, gamma=gamma, reuse_prefixes=False), {0: [0, 1], 30: [2]},
+                 requests)
+    assert [plain[i].cached_tokens for i in range(3)] == [0, 0, 0]
+    assert [plain[i].token_ids for i in range(3)] == [outs[i].token_ids for i in range(3)]

@@ -121,6 +121,12 @@ def test_completions_equal_the_runtime_alone_and_concurrently(client, solo):
         temperature=0)
     assert reply.choices[0].message.content == chat.text
     assert reply.usage.prompt_tokens == chat.prompt_length
+    long = [{"role": "user", "content": " ".join(PROMPTS)}]
+    first, again = (client.chat.completions.create(model=MODEL, messages=long, temperature=0,
+                                                   max_tokens=MAX_TOKENS) for _ in range(2))
+    assert again.choices[0].message.content == first.choices[0].message.content
+    # the second prompt is what the first request left in its slot, all but its last token
+    assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
 
 
 def test_streaming_gives_the_same_text(client, solo):

@@ -201,6 +201,9 @@ def test_cuda_memory_commit_and_leading_match_host_memory(fake_cuda):
         keep = min(length, 7)
         np.testing.assert_array_equal(moved[:, :, :keep], caches[0][:, :, :keep])
         assert moved.shape == (3, 2, length, 4) and not moved[:, :, keep:].any()
+    memory.copy_prefix(on_device[1], 0, 2, 5)  # row 2 takes row 0's first 5 positions
+    caches[1][2, :, :5] = caches[1][0, :, :5]
+    np.testing.assert_array_equal(fake_cuda.download(on_device[1]), caches[1])
 
 
 def test_allocations_are_freed_with_their_last_view(fake_cuda):

@@ -167,6 +167,7 @@ class _Generation:
         out, m = self.output, self.metrics
         m.requests.labels("ok").inc()
         m.prompt_tokens.inc(len(self.prompt_ids))
+        m.cached_prompt_tokens.inc(out.cached_tokens)
         m.generated.inc(len(out.token_ids))
         if self.first_at is not None and len(out.token_ids) > 1:
             m.itl.observe((time.perf_counter() - self.first_at) / (len(out.token_ids) - 1))
@@ -175,10 +176,11 @@ class _Generation:
     def finish_reason(self) -> str:
         return "stop" if self.stop.stopped or self.output.finish_reason == "stop" else "length"
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         n = len(self.output.token_ids)
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": n,
-                "total_tokens": len(self.prompt_ids) + n}
+                "total_tokens": len(self.prompt_ids) + n,
+                "prompt_tokens_details": {"cached_tokens": self.output.cached_tokens}}
 
     def dspark(self) -> dict[str, Any]:
         out = self.output

@@ -18,8 +18,11 @@ class ServerMetrics:
                                 registry=r)
         self.waiting = Gauge("dspark_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("dspark_running_requests", "Requests holding a slot", registry=r)
-        self.prompt_tokens = Counter("dspark_prompt_tokens", "Prompt tokens prefilled",
-                                     registry=r)
+        self.prompt_tokens = Counter("dspark_prompt_tokens", "Prompt tokens of finished "
+                                     "requests", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "dspark_cached_prompt_tokens", "Prompt tokens copied from another slot's caches "
+            "instead of prefilled", registry=r)
         self.generated = Counter("dspark_generated_tokens", "Tokens generated", registry=r)
         rounds = [float(k) for k in range(1, gamma + 2)]
         self.round_tokens = Histogram(
