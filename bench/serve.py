@@ -115,8 +115,10 @@ async def load_level(server: Server, prompts: list[str], clients: int, max_token
     """Each client takes the next prompt when its last request ends; (requests, wall s)."""
     import openai
 
+    # A new connection per request: reusing one that llama-server closed after a stream ends
+    # fails the next request ("Server disconnected without sending a response").
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0,
-                                timeout=3600)
+                                timeout=3600, default_headers={"Connection": "close"})
     queue = list(enumerate(prompts))
     results: list[dict | None] = [None] * len(prompts)
 
@@ -140,6 +142,7 @@ def summarise(requests: list[dict], wall: float, before: dict, after: dict) -> d
     rounds = delta("dspark_round_tokens_count")
     drafted = delta('dspark_rounds_total{kind="drafted"}')
     skipped = delta('dspark_rounds_total{kind="target"}')
+    prompt = delta("dspark_prompt_tokens_total")
     return {
         "per_user_tokens_per_s": float(np.median([r["tokens_per_s"] for r in requests])),
         "aggregate_tokens_per_s": sum(r["tokens"] for r in requests) / wall,
@@ -150,6 +153,9 @@ def summarise(requests: list[dict], wall: float, before: dict, after: dict) -> d
         "tau": delta("dspark_round_tokens_sum") / rounds if rounds else None,
         "mean_verify_length": delta("dspark_verify_length_sum") / rounds if rounds else None,
         "drafted_rounds": drafted / (drafted + skipped) if drafted + skipped else None,
+        # prompt tokens copied from a slot's caches instead of prefilled (dspark servers)
+        "cached_prompt_share": delta("dspark_cached_prompt_tokens_total") / prompt
+        if prompt else None,
         "requests": len(requests), "wall_s": wall}
 
 
