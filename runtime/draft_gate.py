@@ -71,12 +71,29 @@ class DraftGate:
         self._costs: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=COST_WINDOW))
         self._cost: dict[int, float] = {}  # the median of each, kept up to date
         self.drafted = self.skipped = 0
+        # promise() of a window until the evidence changes: skipped rounds (most, under load)
+        # do not pay for the prediction again
+        self._promised: dict[tuple[int, bytes], float] = {}
+
+    def adopt(self, earlier: DraftGate) -> None:
+        """Start from another engine's evidence over all requests (the prior confidences, the
+        acceptance correction, the drafting costs): `Pipeline.generate` runs one engine a
+        call, and a batch of one should not re-learn in every call what drafting costs and
+        how often it pays. Per-request evidence starts afresh."""
+        if earlier.confidence.shape[1] != self.confidence.shape[1] or earlier.sps is not self.sps:
+            return
+        self.prior = earlier.prior.copy()
+        self._accepted, self._predicted = earlier._accepted.copy(), earlier._predicted.copy()
+        for rows, costs in earlier._costs.items():
+            self._costs[rows] = deque(costs, maxlen=COST_WINDOW)
+        self._cost = dict(earlier._cost)
 
     def forget(self, slot: int) -> None:
         """A new request in `slot`: its confidences are guessed from the others' until it
         drafts."""
         self.confidence[slot] = np.nan
         self._slot_accepted[slot] = self._slot_predicted[slot] = 0.0
+        self._promised.clear()
 
     def observe(self, lo: int, active: np.ndarray, confidence: np.ndarray, verified: np.ndarray,
                 accepted: np.ndarray, seconds: float) -> None:
@@ -100,6 +117,7 @@ class DraftGate:
         costs = self._costs[len(active)]
         costs.append(seconds)
         self._cost[len(active)] = float(np.median(costs))
+        self._promised.clear()
 
     def correction(self, slots: np.ndarray | None = None) -> np.ndarray:
         """Per draft position, accepted / predicted drafts over all requests (1 without
@@ -136,7 +154,10 @@ class DraftGate:
     def should_draft(self, lo: int, active: np.ndarray, *, context_full: bool = False) -> bool:
         """True to draft over rows lo:lo+len(active); counts the decision. `context_full`: a
         row cannot wait another round, so a near miss (`EXPLORE`) drafts too."""
-        promise = self.promise(lo, active)
+        key = (lo, active.tobytes())
+        promise = self._promised.get(key)
+        if promise is None:
+            promise = self._promised[key] = self.promise(lo, active)
         decision = promise > (EXPLORE if context_full else MIN_GAIN)
         if decision:
             self.drafted += 1

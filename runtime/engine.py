@@ -129,13 +129,14 @@ class Engine:
                  prefill_budget: int | None = None, on_text: TextCallback | None = None,
                  on_round: Callable[[RoundRecord], None] | None = None,
                  on_finish: Callable[[int, RequestOutput], None] | None = None,
-                 reuse_prefixes: bool = True) -> None:
+                 reuse_prefixes: bool = True, gate_from: DraftGate | None = None) -> None:
         """`capacity`: cache positions per slot (prompt + generated + one round's drafts);
         `gamma` 0 decodes target-only; `scheduler` picks verify lengths when drafting; with a
         hardware-aware one (it costs verification by an SPS table) the engine skips drafting
         in rounds where it would not pay (draft_gate.py).
         A finished request goes to `on_finish` if given, else stays in `finished`.
-        `reuse_prefixes`: a newcomer copies a prompt prefix another slot holds (module doc)."""
+        `reuse_prefixes`: a newcomer copies a prompt prefix another slot holds (module doc).
+        `gate_from`: an earlier engine's draft gate whose evidence this one's starts from."""
         if gamma and scheduler is None:
             raise ValueError("a speculative engine (gamma > 0) needs a scheduler")
         self.pipe, self.gamma, self.scheduler = pipe, gamma, scheduler
@@ -152,6 +153,8 @@ class Engine:
             self.block_ids = np.full((slots, gamma), pipe.mask_token_id, dtype=np.int64)
         sps = getattr(scheduler, "sps", None)  # the hardware-aware schedulers' cost table
         self.gate = DraftGate(sps, slots, gamma) if gamma and sps is not None else None
+        if self.gate is not None and gate_from is not None:
+            self.gate.adopt(gate_from)
         self.slots: list[_Slot | None] = [None] * slots
         self.reuse_prefixes = reuse_prefixes
         # per slot: the token ids a finished request left in its caches, and how many of them

@@ -57,6 +57,10 @@ def prefix_indices(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
+# Up to this many committing rows, HostMemory.commit copies row by row (measured faster).
+_SLICED_ROWS = 3
+
+
 class HostMemory:
     """numpy buffers: ONNX Runtime's CPU provider reads them in place."""
 
@@ -68,8 +72,16 @@ class HostMemory:
 
     def commit(self, caches: list[np.ndarray], presents: list[np.ndarray], lengths: np.ndarray,
                counts: np.ndarray) -> None:
-        """One fancy-indexed copy per buffer, whatever the batch: (row, slot) index pairs of
-        every committed position are built once for all layers."""
+        """A few rows: one slice copy per row and buffer (a decode step at batch 1 commits in
+        a third of the fancy-indexed time). More: one fancy-indexed copy per buffer, whatever
+        the batch, its (row, slot) index pairs built once for all layers."""
+        live = np.flatnonzero(counts)
+        if len(live) <= _SLICED_ROWS:
+            spans = [(b, int(lengths[b]), int(counts[b])) for b in live]
+            for cache, present in zip(caches, presents):
+                for b, start, n in spans:
+                    cache[b, :, start:start + n] = present[b, :, :n]
+            return
         rows, src = prefix_indices(counts)
         dst = lengths[rows] + src
         for cache, present in zip(caches, presents):

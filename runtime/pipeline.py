@@ -14,6 +14,7 @@ from typing import Any
 from .backends import get_backend
 from .bundle import Bundle, BundleError
 from .calibration import Calibration
+from .draft_gate import DraftGate
 from .engine import Engine, Request, RoundRecord
 from .schedule import AUTO, DEFAULT_THRESHOLD, Scheduler, auto_schedule, make_scheduler
 from .sps import SPSTable
@@ -45,6 +46,8 @@ class Pipeline:
         self.calibration, self.sps = calibration, sps
         self.schedule = auto_schedule(sps) if schedule == AUTO else schedule
         self.threshold = threshold
+        # the last call's draft gate: the next call's engine starts from its evidence
+        self._gate: DraftGate | None = None
         self.make_scheduler()  # fail early on a scheduler this bundle cannot run
 
     @classmethod
@@ -149,12 +152,13 @@ class Pipeline:
         on_text = None if stream is None else (lambda rid, text: stream(index[rid], text))
         engine = Engine(self, slots=len(prompt_ids), capacity=capacity, gamma=gamma,
                         scheduler=scheduler, on_text=on_text, on_round=on_round,
-                        prefill_budget=sum(len(p) for p in prompt_ids))
+                        prefill_budget=sum(len(p) for p in prompt_ids), gate_from=self._gate)
         index = {engine.submit(Request(p, max_new_tokens, temperature, s)): i
                  for i, (p, s) in enumerate(zip(prompt_ids, seeds))}
         while engine.has_work():
             engine.step()
         engine.timer.lap("host")
+        self._gate = engine.gate or self._gate  # what drafting cost and paid, for the next call
         return GenerateResult([engine.finished[rid] for rid in index],
                               dict(engine.timer.seconds), engine.timer.graph_seconds,
                               engine.steps, gamma)

@@ -43,6 +43,26 @@ def test_gate_drafts_until_it_has_measured_a_round_then_predicts():
     assert (gate.drafted, gate.skipped) == (2, 3)
 
 
+def test_a_new_engines_gate_starts_from_the_last_ones_evidence():
+    """Pipeline.generate runs one engine a call: the next call's gate knows what drafting
+    cost and how often drafts passed, not the last requests' own confidences."""
+    earlier = DraftGate(STEEP, slots=2, gamma=GAMMA)
+    for _ in range(10):  # confident drafts that verification rejects
+        _observed(earlier, 0.9, 0.001, verified=3, accepted=0)
+    fresh = DraftGate(STEEP, slots=1, gamma=GAMMA)
+    assert fresh.should_draft(0, np.ones(1, dtype=bool))  # nothing known: draft and measure
+    fresh = DraftGate(STEEP, slots=1, gamma=GAMMA)
+    fresh.adopt(earlier)
+    np.testing.assert_array_equal(fresh.correction(), earlier.correction())
+    assert fresh.draft_seconds(2) == earlier.draft_seconds(2)
+    assert np.isnan(fresh.confidence).all() and not fresh._slot_predicted.any()
+    # the prior confidences, corrected by the rejections: drafting does not pay
+    assert not fresh.should_draft(0, np.ones(1, dtype=bool))
+    other = DraftGate(FLAT, slots=1, gamma=GAMMA)
+    other.adopt(earlier)  # another SPS table: another machine's evidence, not taken
+    assert other.draft_seconds(2) is None
+
+
 def test_gate_weighs_expected_tokens_against_the_cost_of_drafting():
     active = np.ones(2, dtype=bool)
     # Free verification: drafting pays when it is cheap against a target step (10 ms)...

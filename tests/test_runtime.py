@@ -62,6 +62,21 @@ def test_kv_commit_writes_accepted_prefix_per_row():
         kv.commit(present, np.array([4, 0, 4]))
 
 
+@pytest.mark.parametrize("rows", [2, 6])  # the row-by-row and the fancy-indexed path
+def test_host_commit_appends_each_rows_prefix(rows):
+    rng = np.random.default_rng(rows)
+    caches = [np.zeros((rows, 2, 12, 4), np.float32) for _ in range(3)]
+    presents = [rng.normal(size=(rows, 2, 4, 4)).astype(np.float32) for _ in range(3)]
+    lengths, counts = rng.integers(0, 8, rows), rng.integers(0, 5, rows)
+    counts[0] = 0
+    HostMemory().commit(caches, presents, lengths, counts)
+    for cache, present in zip(caches, presents):
+        want = np.zeros_like(cache)
+        for b in range(rows):
+            want[b, :, lengths[b]:lengths[b] + counts[b]] = present[b, :, :counts[b]]
+        np.testing.assert_array_equal(cache, want)
+
+
 def test_kv_feeds_are_views_of_the_buffers():
     kv = KVCache(HostMemory(), layers=1, batch=4, heads=2, capacity=8, head_dim=4)
     feeds = kv.feeds(1, 3)
