@@ -209,7 +209,7 @@ class CudaMemory:
         """buffer[dst, :, :n] = buffer[src, :, :n]: H blocks of n*D elements, pitch S*D."""
         _, heads, positions, head_dim = buffer.shape
         row = head_dim * buffer.dtype.itemsize
-        if n and src != dst:
+        if n:
             stride = heads * positions * row
             cudart = _cudart()
             cudart.check(cudart.lib.cudaMemcpy2DAsync(

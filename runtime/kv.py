@@ -106,14 +106,14 @@ class HostMemory:
         buffer[dst, :, :n] = buffer[src, :, :n]
 
 
+# Granularity of buffer lengths: few distinct shapes, little masked waste.
+ALLOCATION_STEP = 64
+
+
 def allocation(needed: int, capacity: int) -> int:
     """Buffer length for `needed` positions: a quarter more (so growth copies are rare),
     rounded up to `ALLOCATION_STEP`, at most `capacity`."""
     return min(capacity, -(-(needed + needed // 4 + 1) // ALLOCATION_STEP) * ALLOCATION_STEP)
-
-
-# Granularity of buffer lengths: few distinct shapes, little masked waste.
-ALLOCATION_STEP = 64
 
 
 class KVCache:
@@ -174,9 +174,10 @@ class KVCache:
         """Row `dst` takes row `src`'s first n positions (a shared prompt prefix) as its own."""
         if n > self.allocated:
             raise ValueError(f"row {src} holds {self.allocated} positions, not {n}")
-        for buffer in self.keys + self.values:
-            self.memory.copy_prefix(buffer, src, dst, n)
-        self.memory.synchronize()
+        if src != dst:  # a slot reusing what its own last request left copies nothing
+            for buffer in self.keys + self.values:
+                self.memory.copy_prefix(buffer, src, dst, n)
+            self.memory.synchronize()
         self.lengths[dst] = n
 
     @property
