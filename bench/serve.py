@@ -1,9 +1,11 @@
 """Serving under load: DSpark against the same bundle served target-only, 1/2/4/8 clients.
 
 Starts `dspark-serve BUNDLE` twice on 127.0.0.1 (DSpark, and `--target-only`), then at each
-load level runs each server in turn (order alternating by level) with N concurrent `openai`
-clients, each a closed loop over chat prompts of ../shared/eval (the same prompts in the same
-order for both, greedy). Prints per-user tokens/s (median over requests), aggregate tokens/s,
+load level runs the servers in turn with N concurrent `openai` clients, each a closed loop over
+chat prompts of ../shared/eval (the same prompts in the same order for all, greedy), in
+`--repeats` blocks whose server order alternates (A B, B A, ...), so the machine's drift hits
+every server alike; figures pool a server's blocks, and each block's per-user median is kept to
+show the spread. Prints per-user tokens/s (median over requests), aggregate tokens/s,
 TTFT and latency p50/p99, tau, the mean verify length and the share of rounds that drafted
 (the rest skipped drafting as not paying: runtime/draft_gate.py; all from the server's
 /metrics), and whether both servers returned the same text; writes bench/results/serve.json and serve.png.
@@ -12,6 +14,7 @@ With `--llama-server BIN --gguf TARGET.gguf` llama.cpp's server runs beside them
 context, threads and prompts (its text is not compared: other kernels, other rounding).
 
 Usage: python bench/serve.py [--bundle dspark-bundle] [--clients 1,2,4,8] [--requests 8]
+                             [--repeats 2]
                              [--llama-server build/bin/llama-server --gguf target-f32.gguf]
 """
 from __future__ import annotations
@@ -135,14 +138,20 @@ async def load_level(server: Server, prompts: list[str], clients: int, max_token
     return results, wall
 
 
-def summarise(requests: list[dict], wall: float, before: dict, after: dict) -> dict[str, Any]:
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
+def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What a load level added to each dspark_* sample of /metrics."""
+    return {name: value - before.get(name, 0.0) for name, value in after.items()}
 
-    rounds = delta("dspark_round_tokens_count")
-    drafted = delta('dspark_rounds_total{kind="drafted"}')
-    skipped = delta('dspark_rounds_total{kind="target"}')
-    prompt = delta("dspark_prompt_tokens_total")
+
+def add(total: dict[str, float], more: dict[str, float]) -> dict[str, float]:
+    return {name: total.get(name, 0.0) + more.get(name, 0.0) for name in {*total, *more}}
+
+
+def summarise(requests: list[dict], wall: float, deltas: dict[str, float]) -> dict[str, Any]:
+    rounds = deltas.get("dspark_round_tokens_count", 0.0)
+    drafted = deltas.get('dspark_rounds_total{kind="drafted"}', 0.0)
+    skipped = deltas.get('dspark_rounds_total{kind="target"}', 0.0)
+    prompt = deltas.get("dspark_prompt_tokens_total", 0.0)
     return {
         "per_user_tokens_per_s": float(np.median([r["tokens_per_s"] for r in requests])),
         "aggregate_tokens_per_s": sum(r["tokens"] for r in requests) / wall,
@@ -150,11 +159,12 @@ def summarise(requests: list[dict], wall: float, before: dict, after: dict) -> d
         "ttft_p99_s": float(np.percentile([r["ttft"] for r in requests], 99)),
         "latency_p50_s": float(np.percentile([r["latency"] for r in requests], 50)),
         "latency_p99_s": float(np.percentile([r["latency"] for r in requests], 99)),
-        "tau": delta("dspark_round_tokens_sum") / rounds if rounds else None,
-        "mean_verify_length": delta("dspark_verify_length_sum") / rounds if rounds else None,
+        "tau": deltas.get("dspark_round_tokens_sum", 0.0) / rounds if rounds else None,
+        "mean_verify_length": deltas.get("dspark_verify_length_sum", 0.0) / rounds
+        if rounds else None,
         "drafted_rounds": drafted / (drafted + skipped) if drafted + skipped else None,
         # prompt tokens copied from a slot's caches instead of prefilled (dspark servers)
-        "cached_prompt_share": delta("dspark_cached_prompt_tokens_total") / prompt
+        "cached_prompt_share": deltas.get("dspark_cached_prompt_tokens_total", 0.0) / prompt
         if prompt else None,
         "requests": len(requests), "wall_s": wall}
 
@@ -184,7 +194,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=Path("dspark-bundle"))
     parser.add_argument("--clients", default="1,2,4,8")
-    parser.add_argument("--requests", type=int, default=8, help="requests per load level")
+    parser.add_argument("--requests", type=int, default=8,
+                        help="requests per load level and block")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="blocks per server and level, the servers alternating block by "
+                             "block (drift on a shared machine hits both alike)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-context", type=int, default=512,
@@ -217,14 +231,26 @@ def main() -> None:
         table: dict[int, dict[str, dict]] = {}
         texts: dict[int, dict[str, list[str]]] = {}
         for k, clients in enumerate(levels):
+            runs: dict[str, list] = {server.name: [] for server in servers}
+            for repeat in range(args.repeats):  # servers alternate block by block
+                order = servers if (k + repeat) % 2 == 0 else servers[::-1]
+                for server in order:
+                    before = server.metric_sums()
+                    requests, wall = asyncio.run(load_level(server, prompts, clients,
+                                                            args.max_tokens))
+                    runs[server.name].append(
+                        (requests, wall, metric_deltas(before, server.metric_sums())))
             table[clients], texts[clients] = {}, {}
-            for server in (servers if k % 2 == 0 else servers[::-1]):
-                before = server.metric_sums()
-                requests, wall = asyncio.run(load_level(server, prompts, clients,
-                                                        args.max_tokens))
-                table[clients][server.name] = summarise(requests, wall, before,
-                                                        server.metric_sums())
-                texts[clients][server.name] = [r["text"] for r in requests]
+            for name, blocks in runs.items():
+                deltas: dict[str, float] = {}
+                for _, _, more in blocks:
+                    deltas = add(deltas, more)
+                table[clients][name] = summarise([r for b in blocks for r in b[0]],
+                                                 sum(b[1] for b in blocks), deltas)
+                # per block: how far one block's figure strays from another's
+                table[clients][name]["per_user_by_block"] = [
+                    round(float(np.median([r["tokens_per_s"] for r in b[0]])), 2) for b in blocks]
+                texts[clients][name] = [r["text"] for b in blocks for r in b[0]]
             row = table[clients]
             same = texts[clients]["dspark"] == texts[clients]["target_only"]
             row["same_text"] = same
@@ -241,7 +267,9 @@ def main() -> None:
                   f"({row['per_user_ratio']:.2f}x), aggregate "
                   f"{row['dspark']['aggregate_tokens_per_s']:.1f} vs "
                   f"{row['target_only']['aggregate_tokens_per_s']:.1f} "
-                  f"({row['aggregate_ratio']:.2f}x), same text {same}", flush=True)
+                  f"({row['aggregate_ratio']:.2f}x), same text {same}; per-user by block "
+                  f"{row['dspark']['per_user_by_block']} vs "
+                  f"{row['target_only']['per_user_by_block']}", flush=True)
     finally:
         for server in servers:
             server.stop()
@@ -261,7 +289,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(
         {"bundle": str(args.bundle), "max_tokens": args.max_tokens, "threads": args.threads,
-         "prompts": len(prompts), "date": time.strftime("%Y-%m-%d %H:%M"),
+         "prompts": len(prompts), "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M"),
          "llama_server": str(args.gguf) if args.gguf else None,
          "levels": {str(c): row for c, row in table.items()}}, indent=2))
     plot(table, RESULTS / "serve.png")
