@@ -79,6 +79,35 @@ def export_tiny_pair(root: Path, precision: str = "fp32") -> Path:
     return export_graphs(target, draft, out, precision=precision)
 
 
+@pytest.fixture(scope="session")
+def tiny_cpu_bundle(tmp_path_factory) -> Path:
+    """A cpu-profile bundle (`build_bundle`: ORT optimisation, SPS profiling, manifest) of the
+    tiny llama target + random drafter (gamma 4) that test_runtime exports once per session;
+    the export step copies that export instead of running torch.onnx again."""
+    import shutil
+    import sys
+    import types
+
+    from dspark_export.build.pipeline import build_bundle
+    from dspark_export.build.profiles import load_profile
+
+    export = export_tiny_pair(tmp_path_factory.getbasetemp())
+
+    def cached_export(target_dir, draft_dir, out_dir, *, precision="fp32", opset=18,
+                      on_step=lambda name: None, draft_vocab=0):
+        assert precision == "fp32"
+        for step in ("load", "target", "draft", "markov", "verify", "tokenizer"):
+            on_step(step)
+        return Path(shutil.copytree(export, out_dir))
+
+    module = types.ModuleType("dspark_export.export")
+    module.export_graphs = cached_export
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "dspark_export.export", module)
+        return build_bundle(load_profile("cpu"), None, None,
+                            tmp_path_factory.mktemp("tiny_cpu") / "bundle", progress=False)
+
+
 @pytest.fixture()
 def fake_gpu(monkeypatch):
     """Call with {"name", "compute_capability"} (or None) to make `dspark_runtime.gpu` report

@@ -18,43 +18,12 @@ GAMMA = 4
 PROMPTS = ["t5 t6 t7 t8 t9", "t20", "t30 t31 t32 t33 t34 t35", "t40 t41", "t50 t51 t52"]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """A cpu-profile bundle (`build_bundle`: ORT optimisation, SPS profiling, manifest) of the
-    tiny llama target + random drafter (gamma 4) that test_runtime exports once per session;
-    the export step copies that export instead of running torch.onnx again."""
-    import shutil
-    import sys
-    import types
-
-    from conftest import export_tiny_pair
-
-    from dspark_export.build.pipeline import build_bundle
-    from dspark_export.build.profiles import load_profile
-
-    export = export_tiny_pair(tmp_path_factory.getbasetemp())
-
-    def cached_export(target_dir, draft_dir, out_dir, *, precision="fp32", opset=18,
-                      on_step=lambda name: None, draft_vocab=0):
-        assert precision == "fp32"
-        for step in ("load", "target", "draft", "markov", "verify", "tokenizer"):
-            on_step(step)
-        return Path(shutil.copytree(export, out_dir))
-
-    module = types.ModuleType("dspark_export.export")
-    module.export_graphs = cached_export
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "dspark_export.export", module)
-        return build_bundle(load_profile("cpu"), None, None,
-                            tmp_path_factory.mktemp("calib") / "bundle", progress=False)
-
-
 @pytest.fixture()
-def bundle(built, tmp_path) -> Path:
+def bundle(tiny_cpu_bundle, tmp_path) -> Path:
     """A fresh copy per test (calibration rewrites the bundle)."""
     import shutil
 
-    return Path(shutil.copytree(built, tmp_path / "bundle"))
+    return Path(shutil.copytree(tiny_cpu_bundle, tmp_path / "bundle"))
 
 
 @pytest.fixture()
@@ -121,10 +90,10 @@ def test_calibrate_writes_verified_calibration(bundle, prompts_file):
     assert pipe.calibration is not None and pipe.calibration.temperatures == cal.temperatures
 
 
-def test_recording_does_not_change_generation(built):
+def test_recording_does_not_change_generation(tiny_cpu_bundle):
     from dspark_runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(built, schedule="fixed")  # recording verifies the full block
+    pipe = Pipeline.from_bundle(tiny_cpu_bundle, schedule="fixed")  # recording verifies the full block
     rounds = record_prompts(pipe, PROMPTS, max_new_tokens=16, batch_size=3)
     plain = (pipe.generate(PROMPTS[:3], max_new_tokens=16, seed=[0, 1, 2]).requests
              + pipe.generate(PROMPTS[3:], max_new_tokens=16, seed=[3, 4]).requests)

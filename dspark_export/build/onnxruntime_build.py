@@ -7,11 +7,15 @@ those are left to the session that loads the bundle. Extended fusions are assign
 execution provider; when a provider the profile names is missing on the build machine, the
 saved graph gets the provider-independent "basic" level only.
 
+A profile with `contrib_fusions` first rewrites the target's RMSNorms and rotary embeddings into
+ORT's fused CPU kernels (ort_fusions.py).
+
 verify.onnx holds one `dspark::SpecVerify` node with an ONNX function body: ORT inlines local
 functions when it loads a model, before optimising, so the saved graph is plain standard ops.
 """
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
+from dspark_export.build.ort_fusions import fuse_for_cpu
 from dspark_export.build.profiles import Profile
 
 _LEVELS = {
@@ -45,18 +50,30 @@ def optimize_graphs(onnx_dir: Path, profile: Profile, out_dir: Path, graphs: Ite
     level = settings.graph_optimization_level
     if len(providers) < len(settings.execution_providers) and level == "extended":
         level = "basic"
+    fused: dict[str, int] = {}
     for name in graphs:
-        _optimize(onnx_dir / f"{name}.onnx", out_dir / f"{name}.onnx", _LEVELS[level],
-                  providers or ["CPUExecutionProvider"], settings.intra_op_threads)
+        src = onnx_dir / f"{name}.onnx"
+        with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+            if name == "target" and settings.contrib_fusions:
+                # a verify pass pads every row to the widest: a row at the last position
+                # of its context runs up to gamma_max padded positions beyond it
+                fused = fuse_for_cpu(src, Path(scratch) / src.name,
+                                     max_positions=profile.max_context + profile.gamma_max + 1)
+                src = Path(scratch) / src.name
+            _optimize(src, out_dir / f"{name}.onnx", _LEVELS[level],
+                      providers or ["CPUExecutionProvider"], settings.intra_op_threads)
         if on_graph:
             on_graph(name)
+    offline = {"graph_optimization_level": _LEVELS[level].name,
+               "providers": providers or ["CPUExecutionProvider"],
+               "onnxruntime": ort.__version__}
+    if fused:
+        offline["contrib_fusions"] = {"target": fused}
     return {
         "providers": list(settings.execution_providers),
         "graph_optimization_level": LOAD_LEVEL,
         "intra_op_num_threads": settings.intra_op_threads,
-        "offline": {"graph_optimization_level": _LEVELS[level].name,
-                    "providers": providers or ["CPUExecutionProvider"],
-                    "onnxruntime": ort.__version__},
+        "offline": offline,
     }
 
 

@@ -50,6 +50,8 @@ class OnnxRuntimeSettings:
     graph_optimization_level: str
     intra_op_threads: int
     execution_providers: tuple[str, ...]
+    # the target's RMSNorms and rotary embeddings as ORT contrib ops (ort_fusions.py)
+    contrib_fusions: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,8 +193,13 @@ def _onnxruntime(f: _Fields) -> OnnxRuntimeSettings:
                                 for p in providers):
         raise f.error("execution_providers", "must be a non-empty list of ONNX Runtime provider "
                       f"names such as CPUExecutionProvider, got {providers!r}")
+    fusions = f.get("contrib_fusions", bool, default=False)
+    if fusions and providers != ["CPUExecutionProvider"]:
+        raise f.error("contrib_fusions", "the fused target is measured on the CPU provider "
+                      f"only; set it with execution_providers [CPUExecutionProvider], got "
+                      f"{providers!r}")
     f.done()
-    return OnnxRuntimeSettings(level, threads, tuple(providers))
+    return OnnxRuntimeSettings(level, threads, tuple(providers), fusions)
 
 
 def _tensorrt(f: _Fields, max_batch: int, max_context: int, gamma_max: int, *, rtx: bool,

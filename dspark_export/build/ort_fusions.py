@@ -1,0 +1,96 @@
+"""ONNX Runtime contrib-op fusions for the target graph of CPU bundles.
+
+The exported target is standard ONNX, the graph TensorRT parses too: every RMSNorm is seven
+element-wise nodes and every rotary embedding seven more, about 1,800 nodes in all for the
+reference target. On a CPU, where a decode step runs each node on tiny tensors, a node costs
+its dispatch as much as its arithmetic, so a CPU bundle's target gets ONNX Runtime's fused
+kernels instead, rewritten by onnxscript's pattern rewriter before ORT's own offline fusions:
+
+- RMSNorm -> `SimplifiedLayerNormalization`, and a residual Add feeding one ->
+  `com.microsoft.SkipSimplifiedLayerNormalization` (onnxscript's rules);
+- `x * cos + rotate_half(x) * sin`, with cos/sin computed from `position_ids` ->
+  `com.microsoft.RotaryEmbedding` reading cos/sin tables of `max_positions` rows (ours: the
+  exporter computes the angles as a broadcast Mul, which onnxscript's cos/sin rule does not
+  match).
+
+Each fused kernel works row by row, so a row's logits do not depend on how many tokens or rows
+run beside it: the verify pass and a decode step still round alike (tests/test_ort_fusions.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript import optimizer
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.ort_fusions import rms_normalization, rotary_embedding, skip_normalization
+
+_FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate ops, inlined if unfused
+
+
+class _RotaryFromPositions(pattern.RewriteRuleClassBase):
+    """onnxscript's intermediate RotaryEmbedding(x, cos, sin) whose cos/sin are
+    cos/sin(Concat(f, f)) of f = float(position_ids[..., None]) * inv_freq ->
+    com.microsoft.RotaryEmbedding(x, position_ids, cos table, sin table)."""
+
+    def __init__(self, max_positions: int) -> None:
+        super().__init__("RotaryFromPositions", remove_nodes=False)
+        self.max_positions = max_positions
+        self._tables: dict[bytes, tuple[ir.Value, ir.Value]] = {}
+
+    def pattern(self, op, x, position_ids, last_axis, inv_freq, head_axis):
+        angles = op.Mul(op.Cast(op.Unsqueeze(position_ids, last_axis), to=ir.DataType.FLOAT),
+                        inv_freq)
+        both = op.Concat(angles, angles, axis=-1)
+        return op.RotaryEmbedding(x, op.Unsqueeze(op.Cos(both), head_axis),
+                                  op.Unsqueeze(op.Sin(both), head_axis),
+                                  _domain=_FUSION_DOMAIN, _allow_other_attributes=True)
+
+    def check(self, context, x, position_ids, last_axis, inv_freq, head_axis, **_
+              ) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if inv_freq.const_value is None:
+            return result.fail("inv_freq is not a constant", inv_freq)
+        if position_ids.shape is None or len(position_ids.shape) != 2:
+            return result.fail("position_ids is not [B, T]", position_ids)
+        if x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[3], int):
+            return result.fail("x is not [B, H, T, D] with a known D", x)
+        if inv_freq.const_value.numpy().size * 2 != x.shape[3]:
+            return result.fail("the rotation does not cover the whole head", x)
+        for value, want in ((last_axis, (-1, 2)), (head_axis, (1,))):
+            axes = value.const_value
+            if axes is None or axes.numpy().reshape(-1).tolist() not in [[a] for a in want]:
+                return result.fail("unexpected unsqueeze axes", value)
+        return result
+
+    def rewrite(self, op, x, position_ids, inv_freq, **_):
+        frequencies = inv_freq.const_value.numpy().astype(np.float32).reshape(-1)
+        key = frequencies.tobytes()
+        if key not in self._tables:
+            angles = np.arange(self.max_positions, dtype=np.float32)[:, None] * frequencies
+            n = len(self._tables)
+            self._tables[key] = (
+                op.initializer(ir.tensor(np.cos(angles), name=f"rotary_cos_table_{n}")),
+                op.initializer(ir.tensor(np.sin(angles), name=f"rotary_sin_table_{n}")))
+        cos, sin = self._tables[key]
+        return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=0,
+                                  _domain="com.microsoft")
+
+
+def fuse_for_cpu(src: Path, dst: Path, *, max_positions: int) -> dict[str, int]:
+    """Rewrite `src` (a target graph) into `dst` (weights in `<dst>.data`); fusions by kind.
+    `max_positions`: rows of the rotary tables, more than any position the bundle runs."""
+    model = ir.load(src)
+    common_passes.ShapeInferencePass()(model)
+    counts = {
+        "SimplifiedLayerNormalization": rms_normalization.fuse_rms_normalization(model),
+        "SkipSimplifiedLayerNormalization": skip_normalization.fuse_skip_rms_normalization(model),
+    }
+    rotary_embedding.fuse_rotary_embedding(model)  # intermediate ops, made concrete below
+    rotary = pattern.RewriteRuleSet([_RotaryFromPositions.rule(max_positions)])
+    counts["RotaryEmbedding"] = rotary.apply_to_model(model)
+    optimizer.optimize(model)  # inlines what stayed intermediate, drops the dead cos/sin nodes
+    ir.save(model, dst, external_data=f"{dst.name}.data")
+    return counts
