@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from dspark_export.build.ort_fusions import fuse_for_cpu
 from dspark_export.export import ExportError, export_graphs
 from dspark_export.export.torch_onnx import export_graph
 from dspark_export.export.wrappers import draft_spec, markov_spec, target_spec
@@ -41,11 +42,20 @@ def ragged_lengths(rng, batch: int, high: int, low: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_target_graph_parity(tiny_targets, tmp_path, family):
+    """The exported target, and the cpu profile's rewrite of it into ORT's fused kernels
+    (build/ort_fusions.py), against the PyTorch adapter."""
     model, _ = load_target(tiny_targets[family])
     adapter = TargetAdapter(model, [-1, 1, 2])
     spec = target_spec(adapter, torch.float32)
     export_graph(spec, tmp_path / "target.onnx", 18)
-    sess = session(tmp_path / "target.onnx")
+    (tmp_path / "fused").mkdir()
+    fused = fuse_for_cpu(tmp_path / "target.onnx", tmp_path / "fused" / "target.onnx",
+                         max_positions=512)
+    layers = adapter.shapes.num_layers
+    assert fused["RotaryEmbedding"] == 2 * layers
+    assert fused["SkipSimplifiedLayerNormalization"] == 2 * layers
+    assert fused["packed MatMul"] == 5 * layers  # q, k, v and gate, up
+    sessions = [session(tmp_path / "target.onnx"), session(tmp_path / "fused" / "target.onnx")]
     rng = np.random.default_rng(0)
     s = adapter.shapes
     for batch, tokens, cache in SHAPES:
@@ -57,10 +67,11 @@ def test_target_graph_parity(tiny_targets, tmp_path, family):
         inputs = (ids, positions, past, new, *kv)
         with torch.no_grad():
             want = spec.module(*inputs)
-        got = sess.run(None, {n: t.numpy() for n, t in zip(spec.input_names, inputs)})
-        assert_logits_close(got[0], want[0].numpy())
-        for g, w in zip(got[1:], want[1:]):
-            np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=1e-4)
+        for sess in sessions:
+            got = sess.run(None, {n: t.numpy() for n, t in zip(spec.input_names, inputs)})
+            assert_logits_close(got[0], want[0].numpy())
+            for g, w in zip(got[1:], want[1:]):
+                np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -47,14 +47,17 @@ def _feeds(session: ort.InferenceSession, ids: np.ndarray, past: np.ndarray, new
 
 def test_every_norm_and_rotary_is_fused(graphs):
     _, fused, counts = graphs
-    # per layer two norms (all but the first after a residual Add) and two rotations (q, k),
-    # plus the final norm
+    # per layer two norms (all but the first after a residual Add), two rotations (q, k) and
+    # five projections packed in two MatMuls (q, k, v; gate, up), plus the final norm
     assert counts == {"SimplifiedLayerNormalization": 2 * LAYERS + 1,
                       "SkipSimplifiedLayerNormalization": 2 * LAYERS,
-                      "RotaryEmbedding": 2 * LAYERS}
+                      "RotaryEmbedding": 2 * LAYERS, "packed MatMul": 5 * LAYERS}
     ops = [n.op_type for n in onnx.load(str(fused), load_external_data=False).graph.node]
     assert ops.count("RotaryEmbedding") == 2 * LAYERS
     assert "Cos" not in ops and "Pow" not in ops and "Neg" not in ops
+    # per layer: scores and weighted values, over the cache and over the new tokens (4), the
+    # packed q/k/v, o, the packed gate/up and down (4); and the lm_head
+    assert ops.count("MatMul") == 8 * LAYERS + 1
 
 
 def test_fused_target_gives_the_same_outputs(graphs):

@@ -11,7 +11,9 @@ kernels instead, rewritten by onnxscript's pattern rewriter before ORT's own off
 - `x * cos + rotate_half(x) * sin`, with cos/sin computed from `position_ids` ->
   `com.microsoft.RotaryEmbedding` reading cos/sin tables of `max_positions` rows (ours: the
   exporter computes the angles as a broadcast Mul, which onnxscript's cos/sin rule does not
-  match).
+  match);
+- MatMuls that read the same input with constant weights (q, k and v; gate and up) -> one
+  MatMul over the weights side by side and a Split: one pass over the input instead of three.
 
 Each fused kernel works row by row, so a row's logits do not depend on how many tokens or rows
 run beside it: the verify pass and a decode step still round alike (tests/test_ort_fusions.py).
@@ -79,6 +81,51 @@ class _RotaryFromPositions(pattern.RewriteRuleClassBase):
                                   _domain="com.microsoft")
 
 
+def pack_shared_input_matmuls(model: ir.Model) -> int:
+    """Every group of MatMuls reading one input with constant [K, N] weights becomes one
+    MatMul over the weights concatenated along N, split back into the group's outputs.
+    Returns the MatMuls packed."""
+    graph, packed = model.graph, 0
+    for value in _values(graph):
+        group = [use.node for use in value.uses()
+                 if use.node.op_type == "MatMul" and use.node.domain == "" and use.idx == 0
+                 and _constant_matrix(use.node.inputs[1]) is not None
+                 and use.node.graph is graph and not use.node.outputs[0].is_graph_output()]
+        if len(group) < 2:
+            continue
+        weights = [_constant_matrix(node.inputs[1]) for node in group]
+        if len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
+            continue
+        name = group[0].name or "matmul"
+        packed_weight = ir.Value(name=f"{name}_packed_weight",
+                                 const_value=ir.tensor(np.concatenate(weights, axis=1)))
+        graph.register_initializer(packed_weight)
+        first = min(group, key=graph.index)
+        matmul = ir.Node("", "MatMul", [value, packed_weight], name=f"{name}_packed")
+        sizes = ir.Value(name=f"{name}_packed_sizes", const_value=ir.tensor(
+            np.array([w.shape[1] for w in weights], dtype=np.int64)))
+        graph.register_initializer(sizes)
+        split = ir.Node("", "Split", [matmul.outputs[0], sizes], num_outputs=len(group),
+                        attributes=[ir.AttrInt64("axis", -1)], name=f"{name}_packed_split")
+        graph.insert_before(first, [matmul, split])
+        for node, out in zip(group, split.outputs):
+            node.outputs[0].replace_all_uses_with(out)
+            graph.remove(node, safe=True)
+        packed += len(group)
+    return packed
+
+
+def _values(graph: ir.Graph) -> list[ir.Value]:
+    """Every value a node of `graph` can read: inputs, then node outputs, in order."""
+    return list(graph.inputs) + [out for node in graph for out in node.outputs]
+
+
+def _constant_matrix(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or len(value.const_value.shape) != 2:
+        return None
+    return value.const_value.numpy()
+
+
 def fuse_for_cpu(src: Path, dst: Path, *, max_positions: int) -> dict[str, int]:
     """Rewrite `src` (a target graph) into `dst` (weights in `<dst>.data`); fusions by kind.
     `max_positions`: rows of the rotary tables, more than any position the bundle runs."""
@@ -91,6 +138,7 @@ def fuse_for_cpu(src: Path, dst: Path, *, max_positions: int) -> dict[str, int]:
     rotary_embedding.fuse_rotary_embedding(model)  # intermediate ops, made concrete below
     rotary = pattern.RewriteRuleSet([_RotaryFromPositions.rule(max_positions)])
     counts["RotaryEmbedding"] = rotary.apply_to_model(model)
+    counts["packed MatMul"] = pack_shared_input_matmuls(model)
     optimizer.optimize(model)  # inlines what stayed intermediate, drops the dead cos/sin nodes
     ir.save(model, dst, external_data=f"{dst.name}.data")
     return counts
