@@ -1,7 +1,7 @@
 """ONNX Runtime contrib-op fusions for the target graph of CPU bundles.
 
 The exported target is standard ONNX, the graph TensorRT parses too: every RMSNorm is seven
-element-wise nodes and every rotary embedding seven more, about 1,800 nodes in all for the
+element-wise nodes and every rotary embedding seven more, about 2,000 nodes in all for the
 reference target. On a CPU, where a decode step runs each node on tiny tensors, a node costs
 its dispatch as much as its arithmetic, so a CPU bundle's target gets ONNX Runtime's fused
 kernels instead, rewritten by onnxscript's pattern rewriter before ORT's own offline fusions:
