@@ -169,6 +169,10 @@ def summarise(requests: list[dict], wall: float, deltas: dict[str, float]) -> di
         "requests": len(requests), "wall_s": wall}
 
 
+def _first_difference(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def plot(table: dict[int, dict[str, dict]], path: Path) -> None:
     import matplotlib
 
@@ -254,6 +258,11 @@ def main() -> None:
             row = table[clients]
             same = texts[clients]["dspark"] == texts[clients]["target_only"]
             row["same_text"] = same
+            # (block, prompt index, first differing character) of each text that differs
+            row["differing_texts"] = [
+                (k // len(prompts), k % len(prompts), _first_difference(a, b))
+                for k, (a, b) in enumerate(zip(texts[clients]["dspark"],
+                                               texts[clients]["target_only"])) if a != b]
             row["per_user_ratio"] = (row["dspark"]["per_user_tokens_per_s"]
                                      / row["target_only"]["per_user_tokens_per_s"])
             row["aggregate_ratio"] = (row["dspark"]["aggregate_tokens_per_s"]
