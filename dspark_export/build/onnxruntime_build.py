@@ -7,8 +7,8 @@ those are left to the session that loads the bundle. Extended fusions are assign
 execution provider; when a provider the profile names is missing on the build machine, the
 saved graph gets the provider-independent "basic" level only.
 
-A profile with `contrib_fusions` first rewrites the target's RMSNorms and rotary embeddings into
-ORT's fused CPU kernels (ort_fusions.py).
+A profile with `contrib_fusions` first rewrites the target into ORT's fused CPU kernels
+(ort_fusions.py: RMSNorm, rotary embedding, packed projections).
 
 verify.onnx holds one `dspark::SpecVerify` node with an ONNX function body: ORT inlines local
 functions when it loads a model, before optimising, so the saved graph is plain standard ops.
@@ -52,16 +52,17 @@ def optimize_graphs(onnx_dir: Path, profile: Profile, out_dir: Path, graphs: Ite
         level = "basic"
     fused: dict[str, int] = {}
     for name in graphs:
-        src = onnx_dir / f"{name}.onnx"
-        with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-            if name == "target" and settings.contrib_fusions:
+        src, dst = onnx_dir / f"{name}.onnx", out_dir / f"{name}.onnx"
+        args = (_LEVELS[level], providers or ["CPUExecutionProvider"], settings.intra_op_threads)
+        if name == "target" and settings.contrib_fusions:
+            with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
                 # a verify pass pads every row to the widest: a row at the last position
                 # of its context runs up to gamma_max padded positions beyond it
                 fused = fuse_for_cpu(src, Path(scratch) / src.name,
                                      max_positions=profile.max_context + profile.gamma_max + 1)
-                src = Path(scratch) / src.name
-            _optimize(src, out_dir / f"{name}.onnx", _LEVELS[level],
-                      providers or ["CPUExecutionProvider"], settings.intra_op_threads)
+                _optimize(Path(scratch) / src.name, dst, *args)
+        else:
+            _optimize(src, dst, *args)
         if on_graph:
             on_graph(name)
     offline = {"graph_optimization_level": _LEVELS[level].name,

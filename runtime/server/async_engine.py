@@ -7,8 +7,8 @@ produces (text, the finished output) go to the asyncio queue of their request, a
 at once: one `call_soon_threadsafe` per event loop and step, since each call wakes the loop
 and the engine thread then waits for the GIL while the loop runs (a post per token cost a
 step 2-3 % at 2 clients). A request's first text goes at once, so its time to first token
-does not wait for the step's round. A step that raises fails the requests it held with that message and
-the engine carries on: one bad request never takes the server down.
+does not wait for the step's round. A step that raises fails the requests it held with that
+message and the engine carries on: one bad request never takes the server down.
 """
 from __future__ import annotations
 
